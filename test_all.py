@@ -4,6 +4,7 @@ test_all.py -- nanoTIGER's test suite: `python -m pytest -q test_all.py` (a few 
 Every test is seeded and pins one behaviour with values that would catch a real bug.
 Sections follow the chapters: data.py, rqvae.py + prepare.py, tiger.py + eval.py, end to end.
 """
+import json
 import os
 import subprocess
 import sys
@@ -13,6 +14,8 @@ import pytest
 import torch
 
 import data
+import prepare
+import rqvae
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -154,3 +157,186 @@ def test_configure_overrides_and_rejects_bad_values(tmp_path):
     cfg_file.write_text("import os\n")
     with pytest.raises(data.InputError, match="only `name = value` lines"):
         data.configure(defaults, [str(cfg_file)])
+
+
+# ==============================================================================================
+# rqvae.py and prepare.py
+
+# ---- k-means ----------------------------------------------------------------------------------
+
+def test_kmeans_matches_brute_force_and_objective_never_rises():
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(100, 5, generator=g, dtype=torch.float64) + 4 * torch.randn(1, 5, generator=g,
+                   dtype=torch.float64) for _ in range(6)])                      # (600, 5), 6 blobs
+    centroids, assign, objective = rqvae.kmeans(x, 16, n_iter=15, seed=1)
+    # brute force: one point at a time, every centroid, the plain definition of the distance
+    brute = torch.tensor([min(range(16), key=lambda j: ((p - centroids[j]) ** 2).sum().item()) for p in x])
+    assert torch.equal(assign, brute)
+    assert all(b <= a * (1 + 1e-12) for a, b in zip(objective, objective[1:]))
+    assert objective[-1] < objective[0]
+    assert (torch.bincount(assign, minlength=16) > 0).all()
+
+
+def test_kmeans_leaves_no_cluster_empty_even_when_k_equals_n():
+    x = torch.randn(32, 3, generator=torch.Generator().manual_seed(2))
+    _, assign, _ = rqvae.kmeans(x, 32, n_iter=5, seed=0)
+    assert sorted(assign.tolist()) == list(range(32))   # every point its own cluster
+
+
+def test_kmeans_moves_an_empty_cluster_to_the_farthest_point():
+    # 9 points: two far-apart groups; a bad start puts all centroids in the first group
+    x = torch.tensor([[0.0], [0.1], [0.2], [0.3], [10.0], [10.1], [10.2], [10.3], [50.0]])
+    c, assign, obj = rqvae.kmeans(x, 3, n_iter=5, seed=0)
+    assert (torch.bincount(assign, minlength=3) > 0).all()
+    assert obj[-1] <= obj[0]
+
+# ---- residual quantizer and RQ-VAE -------------------------------------------------------------
+
+def test_residual_quantizer_sums_to_encoder_output_and_picks_nearest_codes():
+    torch.manual_seed(0)
+    rq = rqvae.ResidualQuantizer(3, 16, 4).double()
+    z = torch.randn(50, 4, dtype=torch.float64)
+    codes, e, r = rq(z)                                  # (50, 3), (3, 50, 4), (4, 50, 4)
+    assert torch.allclose(e.sum(0) + r[-1], z, rtol=0, atol=1e-12)
+    for d in range(3):
+        dist = ((r[d][:, None, :] - rq.codebooks[d][None]) ** 2).sum(-1)       # (50, 16) brute force
+        assert torch.equal(codes[:, d], dist.argmin(1))
+        assert torch.allclose(r[d + 1], r[d] - rq.codebooks[d][codes[:, d]])
+
+
+def test_kmeans_init_of_the_codebooks_uses_each_levels_residuals():
+    torch.manual_seed(0)
+    rq = rqvae.ResidualQuantizer(2, 8, 3)
+    z = torch.randn(200, 3)
+    rq.init_kmeans(z, n_iter=10, seed=0)
+    c0, a0, _ = rqvae.kmeans(z, 8, 10, seed=0)
+    c1, _, _ = rqvae.kmeans(z - c0[a0], 8, 10, seed=1)
+    assert torch.allclose(rq.codebooks[0], c0) and torch.allclose(rq.codebooks[1], c1)
+
+
+def test_straight_through_sends_reconstruction_gradient_to_the_encoder():
+    torch.manual_seed(0)
+    model = rqvae.RQVAE(in_dim=16, latent_dim=4, n_levels=2, codebook_size=8)
+    x = torch.randn(64, 16)
+    _, _, losses = model(x)
+    losses['recon'].backward()                           # the reconstruction term alone
+    assert model.encoder[0].weight.grad.abs().sum() > 0
+    assert model.quantizer.codebooks.grad is None or model.quantizer.codebooks.grad.abs().sum() == 0
+
+
+def test_rqvae_training_runs_and_uses_its_codebooks():
+    emb = torch.nn.functional.normalize(torch.randn(600, 16, generator=torch.Generator().manual_seed(0)), dim=1)
+    model, log = rqvae.train_rqvae(emb.numpy(), n_levels=2, codebook_size=8, latent_dim=4, optimizer='adamw',
+                                   lr=1e-3, batch_size=128, n_epochs=3, kmeans_iters=5, reset_dead_codes=True,
+                                   seed=0, progress=False)
+    codes, recon = rqvae.rqvae_codes(model, emb.numpy())
+    assert codes.shape == (600, 2) and np.isfinite(recon) and len(log) == 3
+    assert all(len(np.unique(codes[:, d])) >= 6 for d in range(2))
+
+# ---- collision token ---------------------------------------------------------------------------
+
+def test_collision_token_makes_ids_unique_keeps_prefixes_and_is_deterministic():
+    codes = np.array([[1, 2, 3], [0, 0, 0], [1, 2, 3], [4, 5, 6], [1, 2, 3], [0, 0, 0]])
+    ids = rqvae.add_collision_token(codes)
+    assert ids.dtype == np.int64 and ids.shape == (6, 4)
+    assert np.array_equal(ids[:, :3], codes)
+    assert ids[:, 3].tolist() == [0, 0, 1, 0, 2, 1]      # numbered in item order inside each group
+    assert len(np.unique(ids, axis=0)) == 6
+    assert np.array_equal(rqvae.add_collision_token(codes), ids)
+
+
+def test_collision_group_larger_than_the_token_range_is_an_error():
+    with pytest.raises(data.InputError, match='collision'):
+        rqvae.add_collision_token(np.zeros((5, 3), dtype=np.int64), collision_size=4)
+
+# ---- LSH and random IDs ------------------------------------------------------------------------
+
+def test_lsh_code_equals_the_formula_on_a_hand_made_example():
+    planes = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]])          # m = 1 code, h = 3 bits
+    x = torch.tensor([[1.0, -2.0], [-1.0, 2.0], [3.0, 1.0], [-1.0, -1.0]])
+    # x1: w1.x = 1 > 0, w2.x = -2, w3.x = -1 -> 2^0 = 1;  x2: 0 + 2 + 4 = 6;  x3: 1 + 2 + 4;  x4: 0
+    assert rqvae.lsh_hash(x, planes)[:, 0].tolist() == [1, 6, 7, 0]
+    emb = np.random.default_rng(0).normal(size=(50, 8)).astype(np.float32)
+    codes = rqvae.lsh_ids(emb, n_codes=4, n_bits=8, seed=3)
+    assert codes.shape == (50, 4) and codes.min() >= 0 and codes.max() < 256
+    assert np.array_equal(codes, rqvae.lsh_ids(emb, 4, 8, seed=3))
+
+
+def test_random_ids_reproducible_from_the_seed():
+    a = rqvae.random_ids(1000, 4, 255, seed=7)
+    assert np.array_equal(a, rqvae.random_ids(1000, 4, 255, seed=7))
+    assert not np.array_equal(a, rqvae.random_ids(1000, 4, 255, seed=8))
+    assert a.min() >= 0 and a.max() == 254
+
+
+def test_id_stats_on_a_hand_made_table():
+    ids = rqvae.add_collision_token(np.array([[0, 1, 2], [0, 1, 2], [3, 1, 0], [3, 2, 0]]))
+    s = rqvae.id_stats(ids, [4, 4, 4, 256])
+    assert s['usage'] == [0.5, 0.5, 0.5]
+    assert s['perplexity'][0] == pytest.approx(2.0)
+    assert s['items_in_collisions'] == 2 and s['largest_collision_group'] == 2
+    assert s['distinct_3code_prefixes'] == 3 and s['unique_3code_prefix_share'] == 0.5
+
+
+def test_category_structure_counts_pairs():
+    items = [{'categories': ['A', 'x']}, {'categories': ['A', 'x']}, {'categories': ['A', 'y']},
+             {'categories': ['B', 'z']}, {'categories': ['B']}]
+    codes = np.array([[0], [0], [0], [1], [1]])
+    c = rqvae.category_structure(codes, items)
+    assert c['same_category_share'] == pytest.approx(1 / 3)   # code 0: 3 pairs, one shares 'A > x'
+    assert c['pairs_base_rate'] == pytest.approx(1 / 6)       # 4 items with 2 levels: 6 pairs, 1 same
+
+# ---- prepare.py --------------------------------------------------------------------------------
+
+def test_prepare_reuses_then_detects_corrupt_and_mismatched_artefacts(tmp_path, capsys):
+    args = ['--dataset=beauty', '--ids=lsh', f'--out_dir={tmp_path}']
+    codes, stats, reused = prepare.main(args)
+    assert not reused and codes.shape == (12101, 5)
+    folder = tmp_path / 'beauty' / 'lsh'
+    assert sorted(os.listdir(folder)) == ['codes.npy', 'config.json', 'stats.json']   # no temp files left
+    assert np.array_equal(prepare.load_codes('beauty', 'lsh', str(tmp_path)), codes)
+    assert prepare.main(args)[2]                                        # second run: reused
+    assert 'reusing' in capsys.readouterr().out
+    # corrupt file: load_codes refuses it, prepare rebuilds it
+    (folder / 'codes.npy').write_bytes(b'not a numpy file')
+    with pytest.raises(data.InputError, match='prepare.py'):
+        prepare.load_codes('beauty', 'lsh', str(tmp_path))
+    again, _, reused = prepare.main(args)
+    assert not reused and np.array_equal(again, codes)
+    # a valid-looking but different table (rows swapped): caught by the checksum, rebuilt
+    np.save(folder / 'codes.npy', codes[::-1].copy())
+    again, _, reused = prepare.main(args)
+    assert not reused and np.array_equal(again, codes)
+    # a table of the wrong shape is refused by load_codes
+    np.save(folder / 'codes.npy', codes[:100])
+    with pytest.raises(data.InputError, match='shape'):
+        prepare.load_codes('beauty', 'lsh', str(tmp_path))
+    # changed settings rebuild; an unfinished build (no config.json) is never used
+    assert not prepare.main(args + ['--lsh_bits=6'])[2]
+    os.remove(folder / 'config.json')
+    with pytest.raises(data.InputError, match='missing'):
+        prepare.load_codes('beauty', 'lsh', str(tmp_path))
+
+
+def test_prepare_rqvae_writes_weights_and_rejects_foreign_ones(tmp_path):
+    # 2 epochs leave the codes crowded (see README), so allow big collision groups in this test
+    args = ['--ids=rqvae', f'--out_dir={tmp_path}', '--n_epochs=2', '--kmeans_iters=3', '--collision_size=20000']
+    codes, stats, reused = prepare.main(args)
+    folder = tmp_path / 'beauty' / 'rqvae'
+    assert not reused and codes.shape == (12101, 4) and len(np.unique(codes, axis=0)) == 12101
+    assert json.loads((folder / 'config.json').read_text())['n_epochs'] == 2
+    assert prepare.main(args)[2]
+    # weights that do not give these codes (another seed's model) are detected, and the IDs rebuilt
+    other = rqvae.build_model(dict(latent_dim=32, n_levels=3, codebook_size=256))
+    torch.save(other.state_dict(), folder / 'rqvae.pt')
+    assert not prepare.main(args)[2]
+    (folder / 'rqvae.pt').write_bytes(b'garbage')
+    assert not prepare.main(args)[2]
+
+
+def test_load_codes_refuses_another_schemes_folder(tmp_path):
+    import shutil
+    prepare.main(['--ids=random', f'--out_dir={tmp_path}'])
+    shutil.copytree(tmp_path / 'beauty' / 'random', tmp_path / 'beauty' / 'lsh')   # wrong files, right name
+    with pytest.raises(data.InputError, match='random IDs'):
+        prepare.load_codes('beauty', 'lsh', str(tmp_path))

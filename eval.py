@@ -1,0 +1,91 @@
+"""
+eval.py -- how TIGER is measured (paper Sec. 4, "Evaluation Metrics"), pure functions first.
+
+Leave-one-out: each user has exactly one held-out item; the model ranks the full catalogue (beam search
+over Semantic IDs returns a ranked list of items), and
+  Recall@K = share of users whose held-out item is in the top K
+  NDCG@K   = mean over users of 1 / log2(rank + 1) if rank <= K else 0   (one relevant item, so IDCG = 1)
+Also: the invalid-ID rate of unconstrained decoding (the paper's Fig. 6) and a most-popular baseline.
+
+Drivers after the functions:
+  python eval.py --ckpt=out/beauty/rqvae/tiger/best.pt [--split=test] [--constrained=False]
+  python eval.py --ckpt=... --demo=3      # show 3 users' histories and their top-10 with titles and IDs
+"""
+import os
+import sys
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import data
+
+KS = (5, 10, 20)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure metric functions
+
+def ranks_of(ranked, targets):
+    """ranked: (N, K) item ids, best first; targets: (N,). Returns (N,) 1-based rank, 0 when missing."""
+    hit = torch.as_tensor(ranked) == torch.as_tensor(targets)[:, None]       # (N, K)
+    first = hit.float().argmax(dim=1) + 1                                     # first hit position
+    return torch.where(hit.any(dim=1), first, torch.zeros_like(first))
+
+
+def recall_ndcg(ranks, ks=KS):
+    """ranks: (N,) from ranks_of. Returns {'recall@K': ..., 'ndcg@K': ...} as floats."""
+    ranks = torch.as_tensor(ranks).double()
+    found = ranks > 0
+    gain = torch.where(found, 1.0 / torch.log2(ranks.clamp(min=1) + 1), torch.zeros_like(ranks))
+    out = {}
+    for k in ks:
+        inside = found & (ranks <= k)
+        out[f"recall@{k}"] = inside.double().mean().item()
+        out[f"ndcg@{k}"] = torch.where(inside, gain, torch.zeros_like(gain)).mean().item()
+    return out
+
+
+def invalid_rate(items):
+    """items: (N, K) item ids from unconstrained decoding, 0 where the ID is no item. The share of
+    returned IDs that are invalid (Fig. 6 reports it per K)."""
+    return (torch.as_tensor(items) == 0).double().mean().item()
+
+
+def most_popular(dataset, examples, k=max(KS)):
+    """The most-popular baseline: every user gets the k items with most training interactions
+    (each user's sequence without its last two items, so nothing of validation or test is counted)."""
+    counts = np.zeros(dataset.n_items + 1, dtype=np.int64)
+    for seq in dataset.sequences:
+        np.add.at(counts, seq[:-2], 1)
+    top = np.argsort(-counts[1:], kind="stable")[:k] + 1
+    return recall_ndcg(ranks_of(np.tile(top, (len(examples), 1)), examples.target))
+
+
+# ----------------------------------------------------------------------------------------------
+# The evaluation loop: beam search for every user of a split, then the metrics.
+
+@torch.no_grad()
+def evaluate(model, examples, tokenizer, user_tok, tables, beam_size, batch_size, device,
+             constrained=True, limit=0, progress=True, autocast=None):
+    """Metrics of `model` on `examples` (validation or test). limit > 0 uses only the first `limit`
+    examples (a fixed subset, used for cheap model selection during training). Returns a dict."""
+    model.eval()
+    n = min(limit, len(examples)) if limit else len(examples)
+    order = np.argsort(examples.length[:n], kind="stable")  # similar lengths together: less padding
+    all_items, all_targets = [], []
+    bar = tqdm(range(0, n, batch_size), desc="eval", leave=False, disable=not progress)
+    for start in bar:
+        batch = data.make_batch(examples, order[start:start + batch_size], tokenizer, user_tok)
+        with autocast() if autocast else torch.autocast("cpu", enabled=False):
+            codes, scores = model.beam_search(batch["enc"].to(device), tables, beam_size, constrained)
+        items = tables.items_of(codes)                                   # (B, beam), 0 = no item
+        items = torch.where(torch.isfinite(scores), items, torch.zeros_like(items))
+        all_items.append(items.cpu())
+        all_targets.append(batch["target_item"])
+    items, targets = torch.cat(all_items), torch.cat(all_targets)
+    metrics = recall_ndcg(ranks_of(items, targets), [k for k in KS if k <= beam_size])
+    if not constrained:
+        metrics["invalid_rate"] = invalid_rate(items)
+    model.train()
+    return metrics

@@ -1,0 +1,483 @@
+"""
+tiger.py -- the generative retriever of TIGER (paper Sec. 3.2 and 4), trained and evaluated.
+
+A sequence-to-sequence transformer reads a user token and the Semantic IDs of the user's last 20 items
+and generates the Semantic ID of the next item, one code at a time. Beam search over the codes, kept to
+valid IDs, gives a ranked list of items. This file holds, in reading order:
+
+  1. config (plain globals; `python tiger.py config/paper.py --lr=0.003` overrides them)
+  2. the model, written by hand in T5's manner: RMSNorm, relative position bias, attention, ReLU MLP,
+     encoder and decoder layers, the output head
+  3. beam search with a KV cache, constrained to valid Semantic IDs by prefix tables
+  4. training with teacher forcing, validation-only model selection, early stopping, resumable
+     checkpoints, and a final test evaluation of the best checkpoint
+
+Run `python prepare.py && python tiger.py`.
+"""
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import data
+import eval as evaluation  # eval.py: metrics and the evaluation loop ("eval" would shadow the builtin)
+
+# ----------------------------------------------------------------------------------------------
+# 1. Config. Paper values (Sec. 4, "Sequence to Sequence Model Training") in the comments; the defaults
+# are the CPU setting measured in the README (30 minutes on 2 cores). config/paper.py is the paper's.
+dataset = "beauty"        # beauty | sports | toys
+ids = "rqvae"             # which Semantic IDs (prepare.py --ids): rqvae | lsh | random | rqkmeans
+out_dir = "out"           # prepare.py wrote out/<dataset>/<ids>/codes.npy; we write out/<dataset>/<ids>/<run>/
+run = "tiger"             # name of this run's folder
+# model
+n_layer = 4               # encoder layers and decoder layers (paper: 4 + 4)
+n_head = 6                # paper: 6
+head_dim = 64             # paper: 64 (so attention works in 6 x 64 = 384 dims, wider than the model)
+d_model = 128             # paper: 128
+d_ff = 1024               # paper: MLP 1024, ReLU
+dropout = 0.1             # paper: 0.1
+n_user_buckets = 2000     # paper: 2,000 hashed user tokens
+# training
+batch_size = 256          # paper: 256
+optimizer = "adamw"       # adamw | adafactor (T5X, the paper's framework, uses Adafactor)
+lr = 0.003                # peak learning rate (paper: 0.01)
+weight_decay = 0.01       # adamw only
+warmup_steps = 500        # paper: 10k steps at constant lr, then inverse square root decay
+schedule = "cosine"       # cosine (warmup, then cosine decay to 0 at max_steps) | rsqrt (the paper's)
+max_steps = 8000          # paper: 200k
+grad_clip = 1.0
+seed = 1337
+# evaluation and model selection (validation split only; the test split is read once, at the end)
+beam_size = 20            # beams kept; also the length of the returned ranking (K <= beam_size)
+eval_every = 1000         # steps between validation evaluations
+eval_users = 4000         # validation users used for model selection during training (0 = all)
+eval_batch_size = 512
+patience = 3              # stop after this many evaluations without a better validation Recall@10
+resume = False            # continue from <run folder>/ckpt.pt
+device = "auto"           # auto (cuda if available, else cpu) | cpu | cuda
+CONFIG_KEYS = [k for k in list(globals()) if not k.startswith("_") and k.islower()
+               and isinstance(globals()[k], (int, float, str, bool))]
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. The model. T5 (the paper used T5X) is the reference: pre-norm residual blocks with RMSNorm, no
+# biases, ReLU MLP, and no absolute position embeddings; instead each attention score gets a learned
+# bias that depends on the (bucketed) distance between query and key, shared by all layers of a stack.
+
+class RMSNorm(nn.Module):
+    # T5's LayerNorm: scale only, no mean subtraction, no bias
+    def __init__(self, d, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+        self.eps = eps
+
+    def forward(self, x):
+        return self.weight * x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps).to(x.dtype)
+
+
+class RelativePositionBias(nn.Module):
+    # T5's relative position bias: distances are put into 32 buckets, half exact (small distances) and
+    # half log-spaced up to 128; the encoder looks both ways, the decoder only back.
+    def __init__(self, n_head, bidirectional, n_buckets=32, max_distance=128):
+        super().__init__()
+        self.bidirectional, self.n_buckets, self.max_distance = bidirectional, n_buckets, max_distance
+        self.bias = nn.Embedding(n_buckets, n_head)
+
+    def bucket(self, rel):  # rel = key position - query position, (Tq, Tk) long
+        n = self.n_buckets
+        if self.bidirectional:
+            n //= 2
+            offset = (rel > 0).long() * n     # keys after the query get their own half of the buckets
+            rel = rel.abs()
+        else:
+            offset = torch.zeros_like(rel)
+            rel = (-rel).clamp(min=0)         # the decoder only sees the past
+        exact = n // 2
+        log_bucket = exact + (torch.log(rel.float().clamp(min=1) / exact) / math.log(self.max_distance / exact)
+                              * (n - exact)).long()
+        return offset + torch.where(rel < exact, rel, log_bucket.clamp(max=n - 1))
+
+    def forward(self, q_len, k_len, q_start=0):
+        device = self.bias.weight.device
+        q = torch.arange(q_start, q_start + q_len, device=device)
+        k = torch.arange(k_len, device=device)
+        return self.bias(self.bucket(k[None, :] - q[:, None])).permute(2, 0, 1).unsqueeze(0)  # (1, H, Tq, Tk)
+
+
+class Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        inner = n_head * head_dim
+        self.q = nn.Linear(d_model, inner, bias=False)
+        self.k = nn.Linear(d_model, inner, bias=False)
+        self.v = nn.Linear(d_model, inner, bias=False)
+        self.o = nn.Linear(inner, d_model, bias=False)
+        self.drop = dropout
+
+    def split(self, x):  # (B, T, H*hd) -> (B, H, T, hd)
+        return x.view(x.shape[0], x.shape[1], n_head, head_dim).transpose(1, 2)
+
+    def forward(self, x, source, bias, cache=None, static=False):
+        """x: (B, Tq, d) queries; source: (B, Tk, d) keys/values; bias: added to the scores, broadcast to
+        (B, H, Tq, Tk), -inf where a key must not be seen. cache (decoding only): a dict holding this
+        layer's keys/values; self-attention appends to it, cross-attention (static) computes it once."""
+        q = self.split(self.q(x))
+        if cache is not None and static and "k" in cache:
+            k, v = cache["k"], cache["v"]
+        else:
+            k, v = self.split(self.k(source)), self.split(self.v(source))
+            if cache is not None:
+                if "k" in cache:
+                    k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+                cache["k"], cache["v"] = k, v
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype),
+                                           dropout_p=self.drop if self.training else 0.0)  # (B, H, Tq, hd)
+        return self.o(y.transpose(1, 2).flatten(2))
+
+
+class Block(nn.Module):
+    # one layer: self-attention, (decoder only) cross-attention to the encoder output, then the MLP;
+    # each as x + dropout(sublayer(norm(x)))
+    def __init__(self, cross):
+        super().__init__()
+        self.norm_self, self.self_attn = RMSNorm(d_model), Attention()
+        self.cross = cross
+        if cross:
+            self.norm_cross, self.cross_attn = RMSNorm(d_model), Attention()
+        self.norm_mlp = RMSNorm(d_model)
+        self.mlp = nn.Sequential(nn.Linear(d_model, d_ff, bias=False), nn.ReLU(), nn.Dropout(dropout),
+                                 nn.Linear(d_ff, d_model, bias=False))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x, self_bias, memory=None, cross_bias=None, cache=None):
+        h = self.norm_self(x)
+        x = x + self.drop(self.self_attn(h, h, self_bias, cache=cache and cache["self"]))
+        if self.cross:
+            x = x + self.drop(self.cross_attn(self.norm_cross(x), memory, cross_bias,
+                                              cache=cache and cache["cross"], static=True))
+        return x + self.drop(self.mlp(self.norm_mlp(x)))
+
+
+class TIGER(nn.Module):
+    def __init__(self, vocab_size):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, d_model)   # one vocabulary for encoder and decoder (data.py)
+        self.enc_pos = RelativePositionBias(n_head, bidirectional=True)
+        self.dec_pos = RelativePositionBias(n_head, bidirectional=False)
+        self.encoder = nn.ModuleList([Block(cross=False) for _ in range(n_layer)])
+        self.decoder = nn.ModuleList([Block(cross=True) for _ in range(n_layer)])
+        self.enc_norm, self.dec_norm = RMSNorm(d_model), RMSNorm(d_model)
+        self.drop = nn.Dropout(dropout)
+        self.head = nn.Linear(d_model, vocab_size, bias=False)
+        for name, p in self.named_parameters():  # small init keeps early training stable
+            if p.dim() == 2:
+                nn.init.normal_(p, std=0.02 if "embed" in name or "head" in name else d_model ** -0.5)
+
+    def encode(self, enc):
+        """enc: (B, T) tokens, PAD on the right. Returns memory (B, T, d) and the cross-attention
+        bias (B, 1, 1, T) that hides padding from the decoder."""
+        pad_bias = torch.zeros(enc.shape, device=enc.device).masked_fill(enc == data.PAD, float("-inf"))
+        pad_bias = pad_bias[:, None, None, :]
+        bias = self.enc_pos(enc.shape[1], enc.shape[1]) + pad_bias  # (B, H, T, T), shared by all layers
+        x = self.drop(self.embed(enc))
+        for block in self.encoder:
+            x = block(x, bias)
+        return self.drop(self.enc_norm(x)), pad_bias
+
+    def decode(self, dec_in, memory, cross_bias, caches=None, start=0):
+        """dec_in: (B, Tq) decoder tokens at positions start..start+Tq-1. Returns logits (B, Tq, V).
+        With caches (one dict per layer) earlier positions come from the cache, so start > 0 needs
+        only the new token: incremental decoding for beam search."""
+        tq = dec_in.shape[1]
+        bias = self.dec_pos(tq, start + tq, q_start=start)  # (1, H, Tq, Tk); the causal mask is in it:
+        if tq > 1:                                           # buckets of future keys get -inf
+            future = torch.ones(tq, start + tq, dtype=torch.bool, device=dec_in.device).triu(start + 1)
+            bias = bias.masked_fill(future, float("-inf"))
+        x = self.drop(self.embed(dec_in))
+        for i, block in enumerate(self.decoder):
+            x = block(x, bias, memory, cross_bias, cache=caches[i] if caches is not None else None)
+        return self.head(self.dec_norm(x))
+
+    def forward(self, enc, dec_in, target=None):
+        logits = self.decode(dec_in, *self.encode(enc))
+        loss = None if target is None else F.cross_entropy(logits.flatten(0, 1).float(), target.flatten())
+        return logits, loss
+
+    # ------------------------------------------------------------------------------------------
+    # 3. Beam search. The decoder emits one code per level; at level l only the tokens of level l are
+    # candidates, and (constrained) only the codes that extend the beam's prefix to a prefix of some
+    # real item: `tables` below. Scores are exact sequence log-probabilities under the model.
+
+    @torch.no_grad()
+    def beam_search(self, enc, tables, beam_size, constrained=True):
+        """enc: (B, T) encoder tokens. Returns (codes (B, beam, L) long, scores (B, beam)), best first.
+        A returned ID with score -inf is a filler (fewer valid IDs than beams)."""
+        B, L, dev = enc.shape[0], len(tables.level_offset), enc.device
+        memory, cross_bias = self.encode(enc)
+        caches = [{"self": {}, "cross": {}} for _ in self.decoder]
+        tokens = torch.full((B, 1), data.BOS, device=dev)       # the current last token of each beam
+        state = torch.zeros(B, 1, dtype=torch.long, device=dev)  # prefix id of each beam (tables)
+        scores = torch.zeros(B, 1, device=dev)                   # log p(prefix) of each beam
+        codes = torch.zeros(B, 1, 0, dtype=torch.long, device=dev)
+        for level in range(L):
+            n_beam = tokens.shape[1]
+            logits = self.decode(tokens.view(-1, 1), memory, cross_bias, caches, start=level)  # (B*n, 1, V)
+            logp = F.log_softmax(logits[:, 0].float(), dim=-1)
+            lo, size = tables.level_offset[level], tables.level_sizes[level]
+            logp = logp[:, lo:lo + size].view(B, n_beam, size)                                # this level's codes
+            if constrained:
+                logp = logp.masked_fill(~tables.allowed[level][state], float("-inf"))
+            cand = (scores.unsqueeze(-1) + logp).view(B, -1)                                   # (B, n*size)
+            k = min(beam_size, cand.shape[1])
+            scores, flat = cand.topk(k, dim=1)                                                 # (B, k)
+            parent, code = flat // size, flat % size
+            codes = torch.cat([codes.gather(1, parent[..., None].expand(-1, -1, level)), code[..., None]], -1)
+            if constrained:
+                state = tables.next[level][state.gather(1, parent), code].clamp(min=0)
+            tokens = code + lo
+            # keep each beam's cached keys/values: rows are (user, beam); pick the parents' rows
+            rows = (parent + torch.arange(B, device=dev)[:, None] * n_beam).view(-1)
+            for c in caches:
+                c["self"]["k"], c["self"]["v"] = c["self"]["k"][rows], c["self"]["v"][rows]
+            if level == 0:  # the encoder side is the same for all beams of a user: keep one copy ...
+                cross = [(c["cross"]["k"], c["cross"]["v"]) for c in caches]
+                user_bias = cross_bias
+            if k != n_beam:  # ... and repeat it whenever the number of beams per user changes
+                for c, (ck, cv) in zip(caches, cross):
+                    c["cross"]["k"], c["cross"]["v"] = ck.repeat_interleave(k, 0), cv.repeat_interleave(k, 0)
+                cross_bias = user_bias.repeat_interleave(k, 0)
+        return codes, scores
+
+
+class PrefixTables:
+    """Constrained decoding tables, built once from the (n_items, L) Semantic-ID table.
+
+    Every distinct prefix of length l gets an id. allowed[l][p, c] says whether code c at level l
+    extends prefix p to a prefix of a real item, and next[l][p, c] gives the id of that longer prefix
+    (-1 if none). After the last level the prefix id is an item: item_of[p] is its item id. Beam
+    search then needs two gathers per step and no Python dictionaries."""
+
+    def __init__(self, tokenizer, device="cpu"):
+        codes = tokenizer.codes
+        n, L = codes.shape
+        self.level_offset, self.level_sizes = tokenizer.level_offset, tokenizer.level_sizes
+        prefix_id = [np.zeros(n, dtype=np.int64)]  # level 0: the empty prefix, id 0, for every item
+        for l in range(1, L + 1):
+            prefix_id.append(np.unique(codes[:, :l], axis=0, return_inverse=True)[1].reshape(-1))
+        self.allowed, self.next = [], []
+        for l in range(L):
+            n_prefix = prefix_id[l].max() + 1
+            allowed = np.zeros((n_prefix, self.level_sizes[l]), dtype=bool)
+            nxt = np.full((n_prefix, self.level_sizes[l]), -1, dtype=np.int64)
+            allowed[prefix_id[l], codes[:, l]] = True
+            nxt[prefix_id[l], codes[:, l]] = prefix_id[l + 1]
+            self.allowed.append(torch.from_numpy(allowed).to(device))
+            self.next.append(torch.from_numpy(nxt).to(device))
+        # to map any code tuple (valid or not) back to an item: mixed-radix number -> item id
+        self.radix = np.cumprod([1] + self.level_sizes[::-1])[:-1][::-1].copy()  # (L,)
+        keys = codes @ self.radix
+        order = np.argsort(keys)
+        self.sorted_keys = torch.from_numpy(keys[order]).to(device)
+        self.sorted_items = torch.from_numpy(order + 1).to(device)
+        self.radix_t = torch.from_numpy(self.radix).to(device)
+
+    def items_of(self, codes):
+        """codes (..., L) -> item ids (...), 0 where the tuple is no item (an invalid ID)."""
+        keys = codes @ self.radix_t
+        pos = torch.searchsorted(self.sorted_keys, keys).clamp(max=len(self.sorted_keys) - 1)
+        return torch.where(self.sorted_keys[pos] == keys, self.sorted_items[pos], torch.zeros_like(keys))
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Training with teacher forcing, model selection on validation, test once at the end.
+
+def get_lr(step):
+    if schedule == "rsqrt":  # the paper: constant for warmup_steps, then lr * sqrt(warmup / step)
+        return lr * min(1.0, math.sqrt(warmup_steps / max(step, 1)))
+    if step < warmup_steps:  # cosine: linear warmup, then a cosine decay to 0 at max_steps
+        return lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def check_config(config):
+    problems = []
+    for key in ("n_layer", "n_head", "head_dim", "d_model", "d_ff", "batch_size", "max_steps",
+                "beam_size", "eval_every", "eval_batch_size", "n_user_buckets"):
+        if config[key] < 1:
+            problems.append(f"{key} must be >= 1 (got {config[key]})")
+    for key, allowed in (("optimizer", ("adamw", "adafactor")), ("schedule", ("cosine", "rsqrt")),
+                         ("device", ("auto", "cpu", "cuda")), ("dataset", data.DATASETS)):
+        if config[key] not in allowed:
+            problems.append(f"{key} must be one of {', '.join(allowed)} (got {config[key]!r})")
+    if not 0 <= config["dropout"] < 1:
+        problems.append(f"dropout must be in [0, 1) (got {config['dropout']})")
+    if config["lr"] <= 0:
+        problems.append(f"lr must be > 0 (got {config['lr']})")
+    if config["device"] == "cuda" and not torch.cuda.is_available():
+        problems.append("device=cuda but no CUDA GPU is visible; use --device=cpu or auto")
+    if problems:
+        raise data.InputError("bad config: " + "; ".join(problems))
+
+
+def save_atomic(obj, path):
+    # write a temp file beside the target, then rename: a crash never leaves a half-written file
+    tmp = path + ".tmp"
+    if isinstance(obj, dict) and path.endswith(".json"):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+    else:
+        torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    """Load a checkpoint saved by train(), without unpickling arbitrary objects."""
+    if not os.path.isfile(path):
+        raise data.InputError(f"checkpoint {path} not found; train one with `python tiger.py`")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise data.InputError(f"checkpoint {path} is corrupt or not a nanoTIGER checkpoint ({type(e).__name__}: "
+                              f"{str(e)[:200]}); delete it and train again")
+    if not isinstance(ckpt, dict) or not {"model", "config", "step"} <= set(ckpt):
+        raise data.InputError(f"checkpoint {path} lacks model/config/step; it was not written by tiger.py")
+    return ckpt
+
+
+def build(config, ckpt=None):
+    """Set the module config from `config`, load the Semantic IDs and build everything a run needs.
+    Returns (ds, splits, tokenizer, user_tok, tables, model, device)."""
+    import prepare  # prepare.py validates and loads its own artefacts
+    globals().update(config)
+    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    ds = data.load_dataset(dataset)
+    codes = prepare.load_codes(dataset, ids, out_dir)
+    tokenizer = data.Tokenizer(codes, n_user_buckets)
+    user_tok = tokenizer.user_tokens(ds.users)
+    tables = PrefixTables(tokenizer, dev)
+    torch.manual_seed(seed)
+    model = TIGER(tokenizer.vocab_size).to(dev)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+    return ds, data.split(ds), tokenizer, user_tok, tables, model, dev
+
+
+def main(argv):
+    t0 = time.time()
+    config = data.configure({k: globals()[k] for k in CONFIG_KEYS}, argv)
+    check_config(config)
+    run_dir = os.path.join(config["out_dir"], config["dataset"], config["ids"], config["run"])
+    ckpt_path, best_path = os.path.join(run_dir, "ckpt.pt"), os.path.join(run_dir, "best.pt")
+    ckpt = load_checkpoint(ckpt_path) if config["resume"] else None
+    if ckpt is not None:  # a resumed run must be the same run: only the bookkeeping keys may differ
+        changed = [k for k in config if k not in ("resume", "device", "eval_batch_size")
+                   and ckpt["config"].get(k) != config[k]]
+        if changed:
+            raise data.InputError(f"--resume: {ckpt_path} was trained with a different config ({', '.join(changed)}); "
+                                  f"resume with the same settings, or start afresh without --resume")
+    ds, (train, valid, test), tokenizer, user_tok, tables, model, dev = build(config, ckpt)
+    os.makedirs(run_dir, exist_ok=True)
+    save_atomic(config, os.path.join(run_dir, "config.json"))
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"TIGER on {dataset} ({ids} IDs of length {tokenizer.id_length}, vocab {tokenizer.vocab_size}): "
+          f"{n_params / 1e6:.2f}M parameters, device {dev}")
+    print(f"examples: {len(train):,} train, {len(valid):,} valid, {len(test):,} test")
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if dev == "cuda" else None
+
+    if optimizer == "adafactor":
+        opt = torch.optim.Adafactor(model.parameters(), lr=lr)
+    else:
+        decay = [p for p in model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in model.parameters() if p.dim() < 2]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
+    step, best, bad_evals, log = 0, -1.0, 0, []
+    if ckpt is not None:
+        opt.load_state_dict(ckpt["optimizer"])
+        step, best, bad_evals, log = ckpt["step"], ckpt["best"], ckpt["bad_evals"], ckpt["log"]
+        torch.set_rng_state(ckpt["rng"])
+        print(f"resumed from {ckpt_path} at step {step}")
+
+    # The data order is a function of (seed, epoch) alone, so a resumed run sees the same batches.
+    steps_per_epoch = math.ceil(len(train) / batch_size)
+    model.train()
+    bar = tqdm(range(step, max_steps), initial=step, total=max_steps, desc="train")
+    seen, t_last = 0, time.time()
+    for step in bar:
+        epoch, i = divmod(step, steps_per_epoch)
+        order = np.random.default_rng([seed, epoch]).permutation(len(train))  # cheap: ~10 ms
+        batch = data.make_batch(train, order[i * batch_size:(i + 1) * batch_size], tokenizer, user_tok)
+        for group in opt.param_groups:
+            group["lr"] = get_lr(step)
+        with autocast() if autocast else torch.autocast("cpu", enabled=False):
+            _, loss = model(batch["enc"].to(dev), batch["dec_in"].to(dev), batch["target"].to(dev))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        opt.step()
+        seen += len(batch["target"])
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}", ex_s=f"{seen / (time.time() - t_last):.0f}",
+                            lr=f"{get_lr(step):.2e}")
+        if (step + 1) % eval_every == 0 or step + 1 == max_steps:
+            metrics = evaluation.evaluate(model, valid, tokenizer, user_tok, tables, beam_size, eval_batch_size,
+                                          dev, limit=eval_users, autocast=autocast)
+            improved = metrics["recall@10"] > best
+            best, bad_evals = (metrics["recall@10"], 0) if improved else (best, bad_evals + 1)
+            log.append({"step": step + 1, "loss": loss.item(), **metrics})
+            tqdm.write(f"step {step + 1}: loss {loss.item():.3f}, valid recall@10 {metrics['recall@10']:.4f} "
+                       f"ndcg@10 {metrics['ndcg@10']:.4f}{' (best)' if improved else ''}")
+            if improved:
+                save_atomic({"model": model.state_dict(), "config": config, "step": step + 1}, best_path)
+            save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "config": config,
+                         "step": step + 1, "best": best, "bad_evals": bad_evals, "log": log,
+                         "rng": torch.get_rng_state()}, ckpt_path)
+            seen, t_last = 0, time.time()
+            if bad_evals >= patience:
+                tqdm.write(f"early stop: no better validation recall@10 in {patience} evaluations")
+                break
+    bar.close()
+
+    # The test split is touched exactly once, with the checkpoint that was best on validation.
+    best_ckpt = load_checkpoint(best_path)
+    model.load_state_dict(best_ckpt["model"])
+    results = {"best_step": best_ckpt["step"], "n_params": n_params}
+    for name, split in (("valid", valid), ("test", test)):
+        results[name] = evaluation.evaluate(model, split, tokenizer, user_tok, tables, beam_size,
+                                            eval_batch_size, dev, autocast=autocast)
+        results[name + "_most_popular"] = evaluation.most_popular(ds, split)
+    results["wall_s"] = round(time.time() - t0, 1)
+    results["log"] = log
+    save_atomic(results, os.path.join(run_dir, "metrics.json"))
+    print_results(results, dataset)
+    print(f"wall time {results['wall_s'] / 60:.1f} min; best checkpoint {best_path} (step {results['best_step']}); "
+          f"metrics {os.path.join(run_dir, 'metrics.json')}")
+    return results
+
+
+PAPER = {"beauty": (0.0454, 0.0321, 0.0648, 0.0384), "sports": (0.0264, 0.0181, 0.0400, 0.0225),
+         "toys": (0.0521, 0.0371, 0.0712, 0.0432)}  # Table 1: Recall@5, NDCG@5, Recall@10, NDCG@10
+
+
+def print_results(results, name):
+    keys = ("recall@5", "ndcg@5", "recall@10", "ndcg@10")
+    print(f"\n{'':22s}" + "".join(f"{k:>11s}" for k in keys))
+    for label, row in (("TIGER, validation", results["valid"]), ("TIGER, test", results["test"]),
+                       ("most popular, test", results["test_most_popular"])):
+        print(f"{label:22s}" + "".join(f"{row[k]:11.4f}" for k in keys))
+    print(f"{'paper (Table 1), test':22s}" + "".join(f"{v:11.4f}" for v in PAPER[name]))
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except data.InputError as e:
+        sys.exit(f"error: {e}")
