@@ -250,11 +250,23 @@ def make_batch(examples, idx, tokenizer, user_tok):
             "target_item": target_item}
 
 
-def iterate_batches(examples, tokenizer, user_tok, batch_size, shuffle=False, seed=0):
-    """Yield batches over all examples; a seeded permutation when shuffle (seed = e.g. the epoch)."""
-    order = np.random.default_rng(seed).permutation(len(examples)) if shuffle else np.arange(len(examples))
-    for start in range(0, len(order), batch_size):
-        yield make_batch(examples, order[start:start + batch_size], tokenizer, user_tok)
+def epoch_batches(examples, batch_size, seed, by_length=False, pool=64):
+    """The batches of one training epoch as arrays of example positions, a seeded shuffle.
+
+    by_length (a speed option, not in the paper): shuffle, then within each pool of `pool` batches
+    sort by history length before cutting, and shuffle the batches. Each batch then holds histories of
+    similar length, so padding to the batch's longest history wastes little: on Beauty the encoder
+    reads about 4x fewer tokens. Batches stay random in content and order."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(examples))
+    if by_length:
+        chunk = batch_size * pool
+        order = np.concatenate([c[np.argsort(examples.length[c], kind="stable")]
+                                for c in np.split(order, np.arange(chunk, len(order), chunk))])
+    batches = np.split(order, np.arange(batch_size, len(order), batch_size))
+    if by_length:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches
 
 
 # ----------------------------------------------------------------------------------------------

@@ -138,10 +138,25 @@ def test_token_layout_and_batches_pad_to_batch_max(beauty):
     assert b["enc"][0].tolist() == [user_tok[0].item(), 2, 6, 7, 11, 0, 0, 0, 0]
     assert b["enc"][1, 1:].tolist() == [4, 6, 10, 12, 4, 6, 10, 11]
     assert b["dec_in"][0].tolist() == [data.BOS, 4, 6, 10] and b["target"][0].tolist() == [4, 6, 10, 11]
-    # the seeded shuffle is reproducible and covers every example once
-    a = [x["target_item"].tolist() for x in data.iterate_batches(ex, tok, user_tok, 1, shuffle=True, seed=3)]
-    assert a == [x["target_item"].tolist() for x in data.iterate_batches(ex, tok, user_tok, 1, shuffle=True, seed=3)]
-    assert sorted(sum(a, [])) == [1, 2]
+    # the seeded shuffle is reproducible and covers every example once, with or without length pools
+    for by_length in (False, True):
+        a = [b.tolist() for b in data.epoch_batches(beauty_train(beauty), 256, seed=3, by_length=by_length)]
+        assert a == [b.tolist() for b in data.epoch_batches(beauty_train(beauty), 256, 3, by_length)]
+        assert sorted(sum(a, [])) == list(range(len(beauty_train(beauty))))
+
+
+def beauty_train(ds, _cache={}):
+    if "train" not in _cache:
+        _cache["train"] = data.split(ds)[0]
+    return _cache["train"]
+
+
+def test_length_pools_cut_padding(beauty):
+    train = beauty_train(beauty)
+    padded = {b: np.mean([train.length[i].max() for i in data.epoch_batches(train, 256, 0, by_length=b)])
+              for b in (False, True)}
+    real = train.length.mean()
+    assert padded[False] > 2.5 * real and padded[True] < 1.1 * real
 
 
 def test_configure_overrides_and_rejects_bad_values(tmp_path):
@@ -340,3 +355,134 @@ def test_load_codes_refuses_another_schemes_folder(tmp_path):
     shutil.copytree(tmp_path / 'beauty' / 'random', tmp_path / 'beauty' / 'lsh')   # wrong files, right name
     with pytest.raises(data.InputError, match='random IDs'):
         prepare.load_codes('beauty', 'lsh', str(tmp_path))
+
+
+# ==============================================================================================
+# tiger.py and eval.py
+
+import eval as evaluation  # noqa: E402  (eval.py; the name would shadow the builtin)
+import tiger  # noqa: E402
+
+TINY = dict(n_layer=2, n_head=2, head_dim=8, d_model=16, d_ff=32, dropout=0.0)
+
+
+@pytest.fixture
+def tiny(monkeypatch):
+    """tiger's config globals set to a tiny model (restored after the test)."""
+    for k, v in TINY.items():
+        monkeypatch.setattr(tiger, k, v)
+    torch.manual_seed(0)
+
+
+def tiny_codes():
+    # 14 items over levels of sizes 3, 4, 3 plus a collision code: a small but branching prefix tree
+    rng = np.random.default_rng(0)
+    codes = np.unique(np.stack([rng.integers(0, 3, 40), rng.integers(0, 4, 40), rng.integers(0, 3, 40)], 1), axis=0)
+    codes = codes[rng.permutation(len(codes))[:14]]
+    codes = np.concatenate([codes, np.zeros((14, 1), np.int64)], 1)
+    codes[1, :3] = codes[0, :3]    # one collision: items 1 and 2 share a prefix ...
+    codes[1, 3] = 1                # ... and the collision code tells them apart
+    return codes
+
+
+def test_decoder_is_causal_and_encoder_ignores_padding(tiny):
+    model = tiger.TIGER(60).eval()
+    enc = torch.randint(2, 60, (3, 9))
+    dec = torch.randint(2, 60, (3, 4))
+    logits, _ = model(enc, dec)
+    dec2 = dec.clone()
+    dec2[:, 2:] = torch.randint(2, 60, (3, 2))  # change later decoder inputs
+    logits2, _ = model(enc, dec2)
+    assert torch.allclose(logits[:, :2], logits2[:, :2], atol=1e-6)
+    assert not torch.allclose(logits[:, 2:], logits2[:, 2:], atol=1e-3)
+    # appending padding to the encoder input changes neither the real tokens' outputs nor the logits
+    memory, _ = model.encode(enc)
+    padded = torch.cat([enc, torch.full((3, 5), data.PAD)], 1)
+    memory_p, _ = model.encode(padded)
+    assert torch.allclose(memory, memory_p[:, :9], atol=1e-5)
+    assert torch.allclose(model(padded, dec)[0], logits, atol=1e-5)
+
+
+def test_incremental_decoding_with_cache_equals_full_forward(tiny):
+    model = tiger.TIGER(60).eval()
+    enc = torch.randint(2, 60, (2, 7))
+    dec = torch.randint(2, 60, (2, 5))
+    full, _ = model(enc, dec)
+    memory, cross_bias = model.encode(enc)
+    caches = [{"self": {}, "cross": {}} for _ in model.decoder]
+    steps = [model.decode(dec[:, t:t + 1], memory, cross_bias, caches, start=t) for t in range(5)]
+    assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)
+
+
+def sequence_logprobs(model, enc, tokenizer):
+    """Brute force: the exact log-probability of every item's Semantic ID for each user, (B, n_items)."""
+    items = tokenizer.item_tokens[1:]                                       # (n_items, L)
+    B, n = enc.shape[0], len(items)
+    target = items.repeat(B, 1)
+    dec_in = torch.cat([torch.full((B * n, 1), data.BOS), target[:, :-1]], 1)
+    logits, _ = model(enc.repeat_interleave(n, 0), dec_in)
+    logp = torch.log_softmax(logits, -1).gather(-1, target[..., None])[..., 0].sum(1)
+    return logp.view(B, n)
+
+
+def test_beam_search_matches_brute_force(tiny):
+    codes = tiny_codes()
+    tok = data.Tokenizer(codes, n_user_buckets=10)
+    tables = tiger.PrefixTables(tok)
+    model = tiger.TIGER(tok.vocab_size).eval()
+    enc = torch.cat([torch.full((4, 1), tok.user_offset), tok.item_tokens[torch.randint(1, 15, (4, 3))].flatten(1)], 1)
+    brute = sequence_logprobs(model, enc, tok)                              # (4, 14)
+    # a beam as large as the item set is exact: the top-K items by sequence log-probability
+    got, scores = model.beam_search(enc, tables, beam_size=14)
+    items = tables.items_of(got)
+    want_scores, want_items = brute.sort(dim=1, descending=True)
+    assert torch.equal(items, want_items + 1)
+    assert torch.allclose(scores, want_scores, atol=1e-5)
+    # a smaller beam still returns only real items, each scored with its exact log-probability
+    got, scores = model.beam_search(enc, tables, beam_size=3)
+    items = tables.items_of(got)
+    assert (items > 0).all() and items.shape == (4, 3)
+    assert torch.allclose(scores, brute.gather(1, items - 1), atol=1e-5)
+    # unconstrained decoding may produce IDs that are no item; items_of maps those to 0
+    got, _ = model.beam_search(enc, tables, beam_size=50, constrained=False)
+    items = tables.items_of(got)
+    assert (items == 0).any() and set(items[items > 0].tolist()) <= set(range(1, 15))
+    assert torch.equal(tables.items_of(torch.from_numpy(codes)), torch.arange(1, 15))
+    assert tables.items_of(torch.tensor([list(codes[0, :3]) + [2]])).item() == 0  # no such collision code
+
+
+def test_metrics_against_hand_computed_values():
+    ranked = torch.tensor([[7, 1, 2, 3, 4, 5], [1, 2, 3, 4, 7, 5], [1, 2, 3, 4, 5, 6]])
+    targets = torch.tensor([7, 7, 7])  # hit at rank 1, hit at rank 5, miss
+    ranks = evaluation.ranks_of(ranked, targets)
+    assert ranks.tolist() == [1, 5, 0]
+    m = evaluation.recall_ndcg(ranks, ks=(1, 5))
+    assert m["recall@1"] == pytest.approx(1 / 3) and m["recall@5"] == pytest.approx(2 / 3)
+    assert m["ndcg@1"] == pytest.approx(1 / 3)
+    assert m["ndcg@5"] == pytest.approx((1 + 1 / np.log2(6)) / 3)  # 1/log2(1+1) = 1, 1/log2(5+1)
+    assert evaluation.invalid_rate(torch.tensor([[1, 0], [0, 0]])) == 0.75
+
+
+def test_tiny_model_overfits_tiny_dataset_to_recall_at_1(tiny):
+    codes = tiny_codes()
+    tok = data.Tokenizer(codes, n_user_buckets=10)
+    tables = tiger.PrefixTables(tok)
+    # 8 users, each with its own history and next item
+    rng = np.random.default_rng(1)
+    history = np.zeros((8, 3), np.int64)
+    history[:, :3] = rng.integers(1, 15, (8, 3))
+    ex = data.Examples(user=np.arange(8), history=history, length=np.full(8, 3),
+                       target=rng.permutation(14)[:8] + 1, position=np.full(8, 3))
+    user_tok = tok.user_tokens([f"u{i}" for i in range(8)])
+    model = tiger.TIGER(tok.vocab_size)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    batch = data.make_batch(ex, np.arange(8), tok, user_tok)
+    for _ in range(150):
+        _, loss = model(batch["enc"], batch["dec_in"], batch["target"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    codes_out, _ = model.beam_search(batch["enc"], tables, beam_size=5)
+    ranks = evaluation.ranks_of(tables.items_of(codes_out), batch["target_item"])
+    assert evaluation.recall_ndcg(ranks, ks=(1,))["recall@1"] == 1.0

@@ -46,6 +46,7 @@ dropout = 0.1             # paper: 0.1
 n_user_buckets = 2000     # paper: 2,000 hashed user tokens
 # training
 batch_size = 256          # paper: 256
+by_length = True          # batches of similar history length (data.epoch_batches); paper: not said
 optimizer = "adamw"       # adamw | adafactor (T5X, the paper's framework, uses Adafactor)
 lr = 0.003                # peak learning rate (paper: 0.01)
 weight_decay = 0.01       # adamw only
@@ -64,6 +65,7 @@ resume = False            # continue from <run folder>/ckpt.pt
 device = "auto"           # auto (cuda if available, else cpu) | cpu | cuda
 CONFIG_KEYS = [k for k in list(globals()) if not k.startswith("_") and k.islower()
                and isinstance(globals()[k], (int, float, str, bool))]
+DEFAULTS = {k: globals()[k] for k in CONFIG_KEYS}  # main() starts from these, whatever ran before
 
 
 # ----------------------------------------------------------------------------------------------
@@ -137,8 +139,15 @@ class Attention(nn.Module):
                 if "k" in cache:
                     k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
                 cache["k"], cache["v"] = k, v
+        beams = q.shape[0] // k.shape[0]
+        if beams > 1:  # beam search: the n beams of a user share that user's encoder keys/values, so
+            # their queries are stacked as n query positions of one row instead of copying the
+            # keys/values n times: (B*n, H, Tq, hd) -> (B, H, n*Tq, hd)
+            q = q.view(k.shape[0], beams, n_head, -1, head_dim).transpose(1, 2).flatten(2, 3)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype),
                                            dropout_p=self.drop if self.training else 0.0)  # (B, H, Tq, hd)
+        if beams > 1:
+            y = y.view(k.shape[0], n_head, beams, -1, head_dim).transpose(1, 2).flatten(0, 1)
         return self.o(y.transpose(1, 2).flatten(2))
 
 
@@ -243,16 +252,10 @@ class TIGER(nn.Module):
                 state = tables.next[level][state.gather(1, parent), code].clamp(min=0)
             tokens = code + lo
             # keep each beam's cached keys/values: rows are (user, beam); pick the parents' rows
+            # (the cross-attention cache stays one copy per user: Attention stacks the beams' queries)
             rows = (parent + torch.arange(B, device=dev)[:, None] * n_beam).view(-1)
             for c in caches:
                 c["self"]["k"], c["self"]["v"] = c["self"]["k"][rows], c["self"]["v"][rows]
-            if level == 0:  # the encoder side is the same for all beams of a user: keep one copy ...
-                cross = [(c["cross"]["k"], c["cross"]["v"]) for c in caches]
-                user_bias = cross_bias
-            if k != n_beam:  # ... and repeat it whenever the number of beams per user changes
-                for c, (ck, cv) in zip(caches, cross):
-                    c["cross"]["k"], c["cross"]["v"] = ck.repeat_interleave(k, 0), cv.repeat_interleave(k, 0)
-                cross_bias = user_bias.repeat_interleave(k, 0)
         return codes, scores
 
 
@@ -314,7 +317,7 @@ def check_config(config):
         if config[key] < 1:
             problems.append(f"{key} must be >= 1 (got {config[key]})")
     for key, allowed in (("optimizer", ("adamw", "adafactor")), ("schedule", ("cosine", "rsqrt")),
-                         ("device", ("auto", "cpu", "cuda")), ("dataset", data.DATASETS)):
+                         ("device", ("auto", "cpu", "cuda"))):
         if config[key] not in allowed:
             problems.append(f"{key} must be one of {', '.join(allowed)} (got {config[key]!r})")
     if not 0 <= config["dropout"] < 1:
@@ -359,7 +362,7 @@ def build(config, ckpt=None):
     globals().update(config)
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     ds = data.load_dataset(dataset)
-    codes = prepare.load_codes(dataset, ids, out_dir)
+    codes = prepare.load_codes(dataset, ids, out_dir, ds.n_items)
     tokenizer = data.Tokenizer(codes, n_user_buckets)
     user_tok = tokenizer.user_tokens(ds.users)
     tables = PrefixTables(tokenizer, dev)
@@ -372,9 +375,10 @@ def build(config, ckpt=None):
 
 def main(argv):
     t0 = time.time()
-    config = data.configure({k: globals()[k] for k in CONFIG_KEYS}, argv)
+    config = data.configure(DEFAULTS, argv)
     check_config(config)
-    run_dir = os.path.join(config["out_dir"], config["dataset"], config["ids"], config["run"])
+    run_dir = os.path.join(config["out_dir"], os.path.basename(os.path.normpath(config["dataset"])),
+                           config["ids"], config["run"])
     ckpt_path, best_path = os.path.join(run_dir, "ckpt.pt"), os.path.join(run_dir, "best.pt")
     ckpt = load_checkpoint(ckpt_path) if config["resume"] else None
     if ckpt is not None:  # a resumed run must be the same run: only the bookkeeping keys may differ
@@ -410,11 +414,12 @@ def main(argv):
     steps_per_epoch = math.ceil(len(train) / batch_size)
     model.train()
     bar = tqdm(range(step, max_steps), initial=step, total=max_steps, desc="train")
-    seen, t_last = 0, time.time()
+    seen, t_last, batches = 0, time.time(), {}
     for step in bar:
         epoch, i = divmod(step, steps_per_epoch)
-        order = np.random.default_rng([seed, epoch]).permutation(len(train))  # cheap: ~10 ms
-        batch = data.make_batch(train, order[i * batch_size:(i + 1) * batch_size], tokenizer, user_tok)
+        if epoch not in batches:
+            batches = {epoch: data.epoch_batches(train, batch_size, [seed, epoch], by_length)}
+        batch = data.make_batch(train, batches[epoch][i], tokenizer, user_tok)
         for group in opt.param_groups:
             group["lr"] = get_lr(step)
         with autocast() if autocast else torch.autocast("cpu", enabled=False):
@@ -457,7 +462,7 @@ def main(argv):
     results["wall_s"] = round(time.time() - t0, 1)
     results["log"] = log
     save_atomic(results, os.path.join(run_dir, "metrics.json"))
-    print_results(results, dataset)
+    print_results(results, os.path.basename(os.path.normpath(dataset)))
     print(f"wall time {results['wall_s'] / 60:.1f} min; best checkpoint {best_path} (step {results['best_step']}); "
           f"metrics {os.path.join(run_dir, 'metrics.json')}")
     return results
@@ -473,7 +478,8 @@ def print_results(results, name):
     for label, row in (("TIGER, validation", results["valid"]), ("TIGER, test", results["test"]),
                        ("most popular, test", results["test_most_popular"])):
         print(f"{label:22s}" + "".join(f"{row[k]:11.4f}" for k in keys))
-    print(f"{'paper (Table 1), test':22s}" + "".join(f"{v:11.4f}" for v in PAPER[name]))
+    if name in PAPER:
+        print(f"{'paper (Table 1), test':22s}" + "".join(f"{v:11.4f}" for v in PAPER[name]))
 
 
 if __name__ == "__main__":
