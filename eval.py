@@ -11,7 +11,6 @@ Drivers after the functions:
   python eval.py --ckpt=out/beauty/rqvae/tiger/best.pt [--split=test] [--constrained=False]
   python eval.py --ckpt=... --demo=3      # show 3 users' histories and their top-10 with titles and IDs
 """
-import os
 import sys
 
 import numpy as np
@@ -89,3 +88,59 @@ def evaluate(model, examples, tokenizer, user_tok, tables, beam_size, batch_size
         metrics["invalid_rate"] = invalid_rate(items)
     model.train()
     return metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# Drivers: evaluate a checkpoint, or show what it recommends.
+
+ckpt = "out/beauty/rqvae/tiger/best.pt"  # a checkpoint written by tiger.py
+split = "test"            # valid | test
+constrained = True        # False: unconstrained beam search, and report the invalid-ID rate (Fig. 6)
+demo = 0                  # > 0: print this many users' histories and top-10 instead of the metrics
+CONFIG = {"ckpt": ckpt, "split": split, "constrained": constrained, "demo": demo}
+
+
+def show(ds, tokenizer, user, history, top, target):
+    """A learner's view: a user's history and top-10, with titles and Semantic IDs."""
+    def line(item):
+        return f"    {item:6d}  {tuple(tokenizer.codes[item - 1].tolist())!s:20s} {ds.items[item - 1]['title']}"
+    print(f"user {ds.users[user]}: history (oldest first)")
+    print("\n".join(line(i) for i in history))
+    print("  top-10 recommendations (* = the held-out item)")
+    print("\n".join(line(i) + ("   *" if i == target else "") for i in top[:10] if i > 0))
+    print(f"  held-out item:\n{line(target)}\n")
+
+
+def main(argv):
+    import tiger  # imported here: tiger.py imports this file for its metrics
+    config = data.configure(CONFIG, argv)
+    if config["split"] not in ("valid", "test"):
+        raise data.InputError(f"--split must be valid or test (got {config['split']!r})")
+    saved = tiger.load_checkpoint(config["ckpt"])
+    ds, (_, valid, test), tokenizer, user_tok, tables, model, dev = tiger.build(saved["config"], saved)
+    examples = valid if config["split"] == "valid" else test
+    if config["demo"] > 0:
+        model.eval()
+        idx = np.random.default_rng(0).choice(len(examples), config["demo"], replace=False)
+        batch = data.make_batch(examples, idx, tokenizer, user_tok)
+        codes, _ = model.beam_search(batch["enc"].to(dev), tables, tiger.beam_size)
+        top = tables.items_of(codes).cpu()
+        for j, i in enumerate(idx):
+            show(ds, tokenizer, examples.user[i], examples.history[i, :examples.length[i]], top[j].tolist(),
+                 examples.target[i])
+        return None
+    metrics = evaluate(model, examples, tokenizer, user_tok, tables, tiger.beam_size, tiger.eval_batch_size,
+                       dev, constrained=config["constrained"])
+    print(f"{config['ckpt']} (step {saved['step']}) on {config['split']}, "
+          f"{'constrained' if config['constrained'] else 'unconstrained'} beam search, beam {tiger.beam_size}:")
+    for k, v in metrics.items():
+        print(f"  {k:13s} {v:.4f}")
+    print(f"  most popular: " + ", ".join(f"{k} {v:.4f}" for k, v in most_popular(ds, examples).items()))
+    return metrics
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except data.InputError as e:
+        sys.exit(f"error: {e}")

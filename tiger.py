@@ -37,11 +37,11 @@ ids = "rqvae"             # which Semantic IDs (prepare.py --ids): rqvae | lsh |
 out_dir = "out"           # prepare.py wrote out/<dataset>/<ids>/codes.npy; we write out/<dataset>/<ids>/<run>/
 run = "tiger"             # name of this run's folder
 # model
-n_layer = 4               # encoder layers and decoder layers (paper: 4 + 4)
-n_head = 6                # paper: 6
-head_dim = 64             # paper: 64 (so attention works in 6 x 64 = 384 dims, wider than the model)
-d_model = 128             # paper: 128
-d_ff = 1024               # paper: MLP 1024, ReLU
+n_layer = 2               # encoder layers and decoder layers (paper: 4 + 4)
+n_head = 2                # paper: 6
+head_dim = 32             # paper: 64 (so attention works in 6 x 64 = 384 dims, wider than the model)
+d_model = 64              # paper: 128
+d_ff = 256                # paper: MLP 1024, ReLU
 dropout = 0.1             # paper: 0.1
 n_user_buckets = 2000     # paper: 2,000 hashed user tokens
 # training
@@ -50,18 +50,19 @@ by_length = True          # batches of similar history length (data.epoch_batche
 optimizer = "adamw"       # adamw | adafactor (T5X, the paper's framework, uses Adafactor)
 lr = 0.003                # peak learning rate (paper: 0.01)
 weight_decay = 0.01       # adamw only
-warmup_steps = 500        # paper: 10k steps at constant lr, then inverse square root decay
+warmup_steps = 300        # paper: 10k steps at constant lr, then inverse square root decay
 schedule = "cosine"       # cosine (warmup, then cosine decay to 0 at max_steps) | rsqrt (the paper's)
-max_steps = 8000          # paper: 200k
+max_steps = 5000          # paper: 200k
 grad_clip = 1.0
 seed = 1337
 # evaluation and model selection (validation split only; the test split is read once, at the end)
 beam_size = 20            # beams kept; also the length of the returned ranking (K <= beam_size)
 eval_every = 1000         # steps between validation evaluations
-eval_users = 4000         # validation users used for model selection during training (0 = all)
+eval_users = 3000         # validation users used for model selection during training (0 = all)
 eval_batch_size = 512
 patience = 3              # stop after this many evaluations without a better validation Recall@10
 resume = False            # continue from <run folder>/ckpt.pt
+bench = False             # measure speed instead of training: train examples/s, eval users/s, peak memory
 device = "auto"           # auto (cuda if available, else cpu) | cpu | cuda
 CONFIG_KEYS = [k for k in list(globals()) if not k.startswith("_") and k.islower()
                and isinstance(globals()[k], (int, float, str, bool))]
@@ -395,6 +396,8 @@ def main(argv):
           f"{n_params / 1e6:.2f}M parameters, device {dev}")
     print(f"examples: {len(train):,} train, {len(valid):,} valid, {len(test):,} test")
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if dev == "cuda" else None
+    if bench:
+        return benchmark(model, train, valid, tokenizer, user_tok, tables, dev, autocast)
 
     if optimizer == "adafactor":
         opt = torch.optim.Adafactor(model.parameters(), lr=lr)
@@ -466,6 +469,32 @@ def main(argv):
     print(f"wall time {results['wall_s'] / 60:.1f} min; best checkpoint {best_path} (step {results['best_step']}); "
           f"metrics {os.path.join(run_dir, 'metrics.json')}")
     return results
+
+
+def benchmark(model, train, valid, tokenizer, user_tok, tables, dev, autocast, steps=30, users=2048):
+    """`python tiger.py --bench`: speed of the configured model on this machine (nothing is saved)."""
+    import resource
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    batches = data.epoch_batches(train, batch_size, seed, by_length)
+    t = time.time()
+    for i in range(steps):
+        b = data.make_batch(train, batches[i], tokenizer, user_tok)
+        with autocast() if autocast else torch.autocast("cpu", enabled=False):
+            _, loss = model(b["enc"].to(dev), b["dec_in"].to(dev), b["target"].to(dev))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    train_speed = steps * batch_size / (time.time() - t)
+    t = time.time()
+    evaluation.evaluate(model, valid, tokenizer, user_tok, tables, beam_size, eval_batch_size, dev,
+                        limit=users, progress=False, autocast=autocast)
+    eval_speed = users / (time.time() - t)
+    peak = (torch.cuda.max_memory_allocated() if dev == "cuda" else
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 30
+    print(f"train {train_speed:,.0f} examples/s (batch {batch_size}, by_length={by_length}); "
+          f"eval {eval_speed:,.0f} users/s (beam {beam_size}); peak memory {peak:.2f} GiB "
+          f"({'GPU' if dev == 'cuda' else 'process RSS'})")
+    return {"train_examples_s": train_speed, "eval_users_s": eval_speed, "peak_gib": peak}
 
 
 PAPER = {"beauty": (0.0454, 0.0321, 0.0648, 0.0384), "sports": (0.0264, 0.0181, 0.0400, 0.0225),

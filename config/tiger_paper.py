@@ -1,0 +1,19 @@
+# TIGER's sequence-to-sequence model exactly as the paper states it (Sec. 4), for a GPU:
+#   python prepare.py && python tiger.py config/tiger_paper.py
+# 4 + 4 layers, 6 heads of 64, model dimension 128, MLP 1024, dropout 0.1, batch 256,
+# learning rate 0.01 for 10k steps then inverse square root decay, 200k steps, T5X's Adafactor.
+n_layer = 4
+n_head = 6
+head_dim = 64
+d_model = 128
+d_ff = 1024
+dropout = 0.1
+batch_size = 256
+optimizer = "adafactor"
+lr = 0.01
+schedule = "rsqrt"
+warmup_steps = 10000
+max_steps = 200000
+eval_every = 5000
+eval_users = 0
+patience = 5
