@@ -117,7 +117,9 @@ def main(argv):
     if config["split"] not in ("valid", "test"):
         raise data.InputError(f"--split must be valid or test (got {config['split']!r})")
     saved = tiger.load_checkpoint(config["ckpt"])
-    ds, (_, valid, test), tokenizer, user_tok, tables, model, dev = tiger.build(saved["config"], saved)
+    # the device is this machine's choice, not the one the checkpoint was trained on
+    ds, (_, valid, test), tokenizer, user_tok, tables, model, dev = tiger.build({**saved["config"], "device": "auto"},
+                                                                               saved)
     examples = valid if config["split"] == "valid" else test
     if config["demo"] > 0:
         model.eval()

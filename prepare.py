@@ -47,6 +47,8 @@ def write_atomic(path, write):
     try:
         with os.fdopen(fd, 'wb') as f:
             write(f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename, so even a power cut leaves old or new
         os.chmod(tmp, 0o644)    # mkstemp makes files private; these are ordinary outputs
         os.replace(tmp, path)
     except BaseException:

@@ -4,6 +4,7 @@ test_all.py -- nanoTIGER's test suite: `python -m pytest -q test_all.py` (a few 
 Every test is seeded and pins one behaviour with values that would catch a real bug.
 Sections follow the chapters: data.py, rqvae.py + prepare.py, tiger.py + eval.py, end to end.
 """
+import itertools
 import json
 import os
 import subprocess
@@ -449,7 +450,9 @@ def test_beam_search_matches_brute_force(tiny):
     items = tables.items_of(got)
     assert (items == 0).any() and set(items[items > 0].tolist()) <= set(range(1, 15))
     assert torch.equal(tables.items_of(torch.from_numpy(codes)), torch.arange(1, 15))
-    assert tables.items_of(torch.tensor([list(codes[0, :3]) + [2]])).item() == 0  # no such collision code
+    real = {tuple(c) for c in codes.tolist()}
+    fake = next(t for t in itertools.product(*[range(n) for n in tok.level_sizes]) if t not in real)
+    assert tables.items_of(torch.tensor([fake])).item() == 0  # a well-formed ID that is no item
 
 
 def test_metrics_against_hand_computed_values():
@@ -542,7 +545,7 @@ def test_end_to_end_on_a_beauty_slice(beauty_slice):
     assert again["recall@10"] == pytest.approx(results["test"]["recall@10"])
     # ... reports the invalid-ID rate of unconstrained decoding, and shows a demo
     free = evaluation.main([f"--ckpt={best}", "--constrained=False"])
-    assert 0 <= free["invalid_rate"] < 1 and free["recall@10"] <= results["test"]["recall@10"] + 0.01
+    assert 0 <= free["invalid_rate"] <= 1 and free["recall@10"] <= results["test"]["recall@10"]
     evaluation.main([f"--ckpt={best}", "--demo=1"])
 
 

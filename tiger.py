@@ -14,7 +14,6 @@ valid IDs, gives a ranked list of items. This file holds, in reading order:
 
 Run `python prepare.py && python tiger.py`.
 """
-import json
 import math
 import os
 import sys
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
+import prepare  # prepare.py writes (and validates) the Semantic IDs; its atomic writer is reused here
 import eval as evaluation  # eval.py: metrics and the evaluation loop ("eval" would shadow the builtin)
 
 # ----------------------------------------------------------------------------------------------
@@ -146,7 +146,7 @@ class Attention(nn.Module):
             # keys/values n times: (B*n, H, Tq, hd) -> (B, H, n*Tq, hd)
             q = q.view(k.shape[0], beams, n_head, -1, head_dim).transpose(1, 2).flatten(2, 3)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype),
-                                           dropout_p=self.drop if self.training else 0.0)  # (B, H, Tq, hd)
+                                           dropout_p=self.drop if self.training else 0.0)  # (B, H, n*Tq, hd)
         if beams > 1:
             y = y.view(k.shape[0], n_head, beams, -1, head_dim).transpose(1, 2).flatten(0, 1)
         return self.o(y.transpose(1, 2).flatten(2))
@@ -206,8 +206,8 @@ class TIGER(nn.Module):
         With caches (one dict per layer) earlier positions come from the cache, so start > 0 needs
         only the new token: incremental decoding for beam search."""
         tq = dec_in.shape[1]
-        bias = self.dec_pos(tq, start + tq, q_start=start)  # (1, H, Tq, Tk); the causal mask is in it:
-        if tq > 1:                                           # buckets of future keys get -inf
+        bias = self.dec_pos(tq, start + tq, q_start=start)  # (1, H, Tq, Tk)
+        if tq > 1:  # the causal mask: future keys get -inf (one new token with a cache needs none)
             future = torch.ones(tq, start + tq, dtype=torch.bool, device=dec_in.device).triu(start + 1)
             bias = bias.masked_fill(future, float("-inf"))
         x = self.drop(self.embed(dec_in))
@@ -265,8 +265,8 @@ class PrefixTables:
 
     Every distinct prefix of length l gets an id. allowed[l][p, c] says whether code c at level l
     extends prefix p to a prefix of a real item, and next[l][p, c] gives the id of that longer prefix
-    (-1 if none). After the last level the prefix id is an item: item_of[p] is its item id. Beam
-    search then needs two gathers per step and no Python dictionaries."""
+    (-1 if none). Beam search then needs two gathers per step and no Python dictionaries. At the end,
+    items_of() maps finished code tuples back to item ids (a sorted mixed-radix key, searchsorted)."""
 
     def __init__(self, tokenizer, device="cpu"):
         codes = tokenizer.codes
@@ -294,7 +294,7 @@ class PrefixTables:
 
     def items_of(self, codes):
         """codes (..., L) -> item ids (...), 0 where the tuple is no item (an invalid ID)."""
-        keys = codes @ self.radix_t
+        keys = (codes * self.radix_t).sum(-1)  # (CUDA has no integer matmul)
         pos = torch.searchsorted(self.sorted_keys, keys).clamp(max=len(self.sorted_keys) - 1)
         return torch.where(self.sorted_keys[pos] == keys, self.sorted_items[pos], torch.zeros_like(keys))
 
@@ -314,9 +314,14 @@ def get_lr(step):
 def check_config(config):
     problems = []
     for key in ("n_layer", "n_head", "head_dim", "d_model", "d_ff", "batch_size", "max_steps",
-                "beam_size", "eval_every", "eval_batch_size", "n_user_buckets"):
+                "eval_every", "eval_batch_size", "n_user_buckets", "patience"):
         if config[key] < 1:
             problems.append(f"{key} must be >= 1 (got {config[key]})")
+    if config["beam_size"] < 10:
+        problems.append(f"beam_size must be >= 10: the metrics go up to K = 10 (got {config['beam_size']})")
+    for key in ("eval_users", "warmup_steps"):
+        if config[key] < (1 if key == "warmup_steps" and config["schedule"] == "rsqrt" else 0):
+            problems.append(f"{key} is too small (got {config[key]})")
     for key, allowed in (("optimizer", ("adamw", "adafactor")), ("schedule", ("cosine", "rsqrt")),
                          ("device", ("auto", "cpu", "cuda"))):
         if config[key] not in allowed:
@@ -332,14 +337,11 @@ def check_config(config):
 
 
 def save_atomic(obj, path):
-    # write a temp file beside the target, then rename: a crash never leaves a half-written file
-    tmp = path + ".tmp"
-    if isinstance(obj, dict) and path.endswith(".json"):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
+    # prepare.write_atomic: a temp file beside the target, then a rename; a crash never leaves half a file
+    if path.endswith(".json"):
+        prepare.write_json(path, obj)
     else:
-        torch.save(obj, tmp)
-    os.replace(tmp, path)
+        prepare.write_atomic(path, lambda f: torch.save(obj, f))
 
 
 def load_checkpoint(path):
@@ -359,7 +361,6 @@ def load_checkpoint(path):
 def build(config, ckpt=None):
     """Set the module config from `config`, load the Semantic IDs and build everything a run needs.
     Returns (ds, splits, tokenizer, user_tok, tables, model, device)."""
-    import prepare  # prepare.py validates and loads its own artefacts
     globals().update(config)
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     ds = data.load_dataset(dataset)
@@ -411,6 +412,10 @@ def main(argv):
         opt.load_state_dict(ckpt["optimizer"])
         step, best, bad_evals, log = ckpt["step"], ckpt["best"], ckpt["bad_evals"], ckpt["log"]
         torch.set_rng_state(ckpt["rng"])
+        if ckpt.get("cuda_rng") is not None and dev == "cuda":
+            torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
+        if bad_evals >= patience:  # the run had already stopped early: nothing left to train
+            step = max_steps
         print(f"resumed from {ckpt_path} at step {step}")
 
     # The data order is a function of (seed, epoch) alone, so a resumed run sees the same batches.
@@ -447,7 +452,8 @@ def main(argv):
                 save_atomic({"model": model.state_dict(), "config": config, "step": step + 1}, best_path)
             save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "config": config,
                          "step": step + 1, "best": best, "bad_evals": bad_evals, "log": log,
-                         "rng": torch.get_rng_state()}, ckpt_path)
+                         "rng": torch.get_rng_state(),
+                         "cuda_rng": torch.cuda.get_rng_state_all() if dev == "cuda" else None}, ckpt_path)
             seen, t_last = 0, time.time()
             if bad_evals >= patience:
                 tqdm.write(f"early stop: no better validation recall@10 in {patience} evaluations")
