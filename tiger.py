@@ -5,7 +5,7 @@ A sequence-to-sequence transformer reads a user token and the Semantic IDs of th
 and generates the Semantic ID of the next item, one code at a time. Beam search over the codes, kept to
 valid IDs, gives a ranked list of items. This file holds, in reading order:
 
-  1. config (plain globals; `python tiger.py config/paper.py --lr=0.003` overrides them)
+  1. config (plain globals; `python tiger.py config/tiger_paper.py --lr=0.003` overrides them)
   2. the model, written by hand in T5's manner: RMSNorm, relative position bias, attention, ReLU MLP,
      encoder and decoder layers, the output head
   3. beam search with a KV cache, constrained to valid Semantic IDs by prefix tables
@@ -31,7 +31,7 @@ import eval as evaluation  # eval.py: metrics and the evaluation loop ("eval" wo
 
 # ----------------------------------------------------------------------------------------------
 # 1. Config. Paper values (Sec. 4, "Sequence to Sequence Model Training") in the comments; the defaults
-# are the CPU setting measured in the README (30 minutes on 2 cores). config/paper.py is the paper's.
+# are the CPU setting measured in the README (18 minutes on 2 cores); config/tiger_paper.py is the paper's.
 dataset = "beauty"        # beauty | sports | toys
 ids = "rqvae"             # which Semantic IDs (prepare.py --ids): rqvae | lsh | random | rqkmeans
 out_dir = "out"           # prepare.py wrote out/<dataset>/<ids>/codes.npy; we write out/<dataset>/<ids>/<run>/
