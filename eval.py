@@ -11,6 +11,7 @@ Drivers after the functions:
   python eval.py --ckpt=out/beauty/rqvae/tiger/best.pt [--split=test] [--constrained=False]
   python eval.py --ckpt=... --demo=3      # show 3 users' histories and their top-10 with titles and IDs
 """
+import contextlib
 import sys
 
 import numpy as np
@@ -66,7 +67,7 @@ def most_popular(dataset, examples, k=max(KS)):
 
 @torch.no_grad()
 def evaluate(model, examples, tokenizer, user_tok, tables, beam_size, batch_size, device,
-             constrained=True, limit=0, progress=True, autocast=None):
+             constrained=True, limit=0, progress=True, autocast=contextlib.nullcontext):
     """Metrics of `model` on `examples` (validation or test). limit > 0 uses only the first `limit`
     examples (a fixed subset, used for cheap model selection during training). Returns a dict."""
     model.eval()
@@ -76,7 +77,7 @@ def evaluate(model, examples, tokenizer, user_tok, tables, beam_size, batch_size
     bar = tqdm(range(0, n, batch_size), desc="eval", leave=False, disable=not progress)
     for start in bar:
         batch = data.make_batch(examples, order[start:start + batch_size], tokenizer, user_tok)
-        with autocast() if autocast else torch.autocast("cpu", enabled=False):
+        with autocast():  # bf16 on a GPU (tiger.py passes it), nothing on the CPU
             codes, scores = model.beam_search(batch["enc"].to(device), tables, beam_size, constrained)
         items = tables.items_of(codes)                                   # (B, beam), 0 = no item
         items = torch.where(torch.isfinite(scores), items, torch.zeros_like(items))

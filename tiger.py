@@ -14,6 +14,7 @@ valid IDs, gives a ranked list of items. This file holds, in reading order:
 
 Run `python prepare.py && python tiger.py`.
 """
+import contextlib
 import math
 import os
 import sys
@@ -311,6 +312,29 @@ def get_lr(step):
     return lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def make_optimizer(model):
+    if optimizer == "adafactor":
+        return torch.optim.Adafactor(model.parameters(), lr=lr)
+    # AdamW, with no weight decay on the norms' scales (the only 1-d parameters)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
+
+
+def train_step(model, opt, batch, step, dev, autocast):
+    """One teacher-forced step: cross-entropy on the L codes of each target item. Returns the loss."""
+    for group in opt.param_groups:
+        group["lr"] = get_lr(step)
+    with autocast():
+        _, loss = model(batch["enc"].to(dev), batch["dec_in"].to(dev), batch["target"].to(dev))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    return loss
+
+
 def check_config(config):
     problems = []
     for key in ("n_layer", "n_head", "head_dim", "d_model", "d_ff", "batch_size", "max_steps",
@@ -396,17 +420,12 @@ def main(argv):
     print(f"TIGER on {dataset} ({ids} IDs of length {tokenizer.id_length}, vocab {tokenizer.vocab_size}): "
           f"{n_params / 1e6:.2f}M parameters, device {dev}")
     print(f"examples: {len(train):,} train, {len(valid):,} valid, {len(test):,} test")
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if dev == "cuda" else None
+    # bf16 autocast on a GPU; on the CPU plain float32 (a context that does nothing)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if dev == "cuda" else contextlib.nullcontext
+    opt = make_optimizer(model)
     if bench:
-        return benchmark(model, train, valid, tokenizer, user_tok, tables, dev, autocast)
+        return benchmark(model, opt, train, valid, tokenizer, user_tok, tables, dev, autocast)
 
-    if optimizer == "adafactor":
-        opt = torch.optim.Adafactor(model.parameters(), lr=lr)
-    else:
-        decay = [p for p in model.parameters() if p.dim() >= 2]
-        no_decay = [p for p in model.parameters() if p.dim() < 2]
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
     step, best, bad_evals, log = 0, -1.0, 0, []
     if ckpt is not None:
         opt.load_state_dict(ckpt["optimizer"])
@@ -428,14 +447,7 @@ def main(argv):
         if epoch not in batches:
             batches = {epoch: data.epoch_batches(train, batch_size, [seed, epoch], by_length)}
         batch = data.make_batch(train, batches[epoch][i], tokenizer, user_tok)
-        for group in opt.param_groups:
-            group["lr"] = get_lr(step)
-        with autocast() if autocast else torch.autocast("cpu", enabled=False):
-            _, loss = model(batch["enc"].to(dev), batch["dec_in"].to(dev), batch["target"].to(dev))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        opt.step()
+        loss = train_step(model, opt, batch, step, dev, autocast)
         seen += len(batch["target"])
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}", ex_s=f"{seen / (time.time() - t_last):.0f}",
@@ -477,19 +489,13 @@ def main(argv):
     return results
 
 
-def benchmark(model, train, valid, tokenizer, user_tok, tables, dev, autocast, steps=30, users=2048):
+def benchmark(model, opt, train, valid, tokenizer, user_tok, tables, dev, autocast, steps=30, users=2048):
     """`python tiger.py --bench`: speed of the configured model on this machine (nothing is saved)."""
-    import resource
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    import resource  # standard library (Unix): peak memory of this process
     batches = data.epoch_batches(train, batch_size, seed, by_length)
     t = time.time()
     for i in range(steps):
-        b = data.make_batch(train, batches[i], tokenizer, user_tok)
-        with autocast() if autocast else torch.autocast("cpu", enabled=False):
-            _, loss = model(b["enc"].to(dev), b["dec_in"].to(dev), b["target"].to(dev))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        train_step(model, opt, data.make_batch(train, batches[i], tokenizer, user_tok), i, dev, autocast)
     train_speed = steps * batch_size / (time.time() - t)
     t = time.time()
     evaluation.evaluate(model, valid, tokenizer, user_tok, tables, beam_size, eval_batch_size, dev,
