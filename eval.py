@@ -68,13 +68,16 @@ def most_popular(dataset, examples, k=max(KS)):
 @torch.no_grad()
 def evaluate(model, examples, tokenizer, user_tok, tables, beam_size, batch_size, device,
              constrained=True, limit=0, progress=True, autocast=contextlib.nullcontext):
-    """Metrics of `model` on `examples` (validation or test). limit > 0 uses only the first `limit`
-    examples (a fixed subset, used for cheap model selection during training). Returns a dict."""
+    """Metrics of `model` on `examples` (validation or test). limit > 0 uses a fixed random subset of
+    `limit` examples for cheap model selection during training (random: the users early in the file
+    have longer histories than the average user). Returns a dict."""
     model.eval()
-    n = min(limit, len(examples)) if limit else len(examples)
-    order = np.argsort(examples.length[:n], kind="stable")  # similar lengths together: less padding
+    subset = np.arange(len(examples))
+    if 0 < limit < len(examples):
+        subset = np.sort(np.random.default_rng(0).choice(len(examples), limit, replace=False))
+    order = subset[np.argsort(examples.length[subset], kind="stable")]  # similar lengths together: less padding
     all_items, all_targets = [], []
-    bar = tqdm(range(0, n, batch_size), desc="eval", leave=False, disable=not progress)
+    bar = tqdm(range(0, len(order), batch_size), desc="eval", leave=False, disable=not progress)
     for start in bar:
         batch = data.make_batch(examples, order[start:start + batch_size], tokenizer, user_tok)
         with autocast():  # bf16 on a GPU (tiger.py passes it), nothing on the CPU

@@ -491,7 +491,6 @@ def main(argv):
 
 def benchmark(model, opt, train, valid, tokenizer, user_tok, tables, dev, autocast, steps=30, users=2048):
     """`python tiger.py --bench`: speed of the configured model on this machine (nothing is saved)."""
-    import resource  # standard library (Unix): peak memory of this process
     batches = data.epoch_batches(train, batch_size, seed, by_length)
     t = time.time()
     for i in range(steps):
@@ -501,8 +500,14 @@ def benchmark(model, opt, train, valid, tokenizer, user_tok, tables, dev, autoca
     evaluation.evaluate(model, valid, tokenizer, user_tok, tables, beam_size, eval_batch_size, dev,
                         limit=users, progress=False, autocast=autocast)
     eval_speed = users / (time.time() - t)
-    peak = (torch.cuda.max_memory_allocated() if dev == "cuda" else
-            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 30
+    if dev == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2 ** 30
+    else:
+        try:
+            import resource  # standard library, Unix only: peak resident memory of this process (KiB on Linux)
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2 ** 30
+        except ImportError:  # Windows
+            peak = float("nan")
     print(f"train {train_speed:,.0f} examples/s (batch {batch_size}, by_length={by_length}); "
           f"eval {eval_speed:,.0f} users/s (beam {beam_size}); peak memory {peak:.2f} GiB "
           f"({'GPU' if dev == 'cuda' else 'process RSS'})")
