@@ -495,15 +495,25 @@ def test_tiny_model_overfits_tiny_dataset_to_recall_at_1(tiny):
 # ==============================================================================================
 # End to end: prepare + train + evaluate on a small slice of Beauty
 
-def make_slice(folder, n_users=2000):
-    """The first n_users users of Beauty with their items renumbered 1..m: a real but small dataset."""
+def make_slice(folder, n_items=1000, min_len=5):
+    """A small, dense slice of Beauty: its n_items most-interacted items, and the users with at least
+    min_len interactions among them (their other items dropped, order kept), renumbered 1..m. About
+    4,500 users and 1,000 items: real data on which a minute of training can learn real patterns (a
+    slice of the first 2,000 users instead has ~7,000 items seen a few times each; there a minute of
+    training loses to the most-popular baseline)."""
     ds = data.load_dataset("beauty")
-    used = np.unique(np.concatenate(ds.sequences[:n_users]))
+    counts = np.bincount(np.concatenate(ds.sequences), minlength=ds.n_items + 1)
+    counts[0] = 0
+    keep = np.zeros(ds.n_items + 1, bool)
+    keep[np.argsort(-counts, kind="stable")[:n_items]] = True
+    users = [(u, seq[keep[seq]]) for u, seq in zip(ds.users, ds.sequences)]
+    users = [(u, seq) for u, seq in users if len(seq) >= min_len]
+    used = np.unique(np.concatenate([seq for _, seq in users]))
     new_id = np.zeros(ds.n_items + 1, np.int64)
     new_id[used] = np.arange(1, len(used) + 1)
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "sequences.txt"), "w") as f:
-        for u, seq in zip(ds.users[:n_users], ds.sequences[:n_users]):
+        for u, seq in users:
             f.write(u + " " + " ".join(map(str, new_id[seq])) + "\n")
     with open(os.path.join(folder, "items.jsonl"), "w") as f:
         for i, old in enumerate(used, 1):
@@ -515,31 +525,26 @@ def make_slice(folder, n_users=2000):
 @pytest.fixture(scope="module")
 def beauty_slice(tmp_path_factory):
     root = tmp_path_factory.mktemp("slice")
-    folder = make_slice(str(root / "beauty2k"))
+    folder = make_slice(str(root / "beauty1k"))
     out = str(root / "out")
     prepare.main([f"--dataset={folder}", f"--out_dir={out}", "--n_epochs=30"])
     return folder, out
 
 
 SMALL_RUN = ["--n_layer=2", "--d_model=64", "--n_head=2", "--head_dim=32", "--d_ff=256", "--batch_size=128",
-             "--lr=0.005", "--warmup_steps=20", "--eval_users=500", "--beam_size=10"]
+             "--dropout=0.0", "--lr=0.005", "--warmup_steps=20", "--eval_users=500", "--beam_size=10"]
 
 
 def test_end_to_end_on_a_beauty_slice(beauty_slice):
-    # prepare (in the fixture) + train + evaluate on 2,000 real users. A minute of training is far too
-    # little for TIGER to beat the most-popular baseline (see README); what it must do is learn: rank the
-    # held-out items clearly better than chance (10 / n_items) and better than its own untrained start.
+    # prepare (in the fixture) + train + evaluate on the dense Beauty slice: the trained model must rank
+    # the held-out items better than recommending the most popular items to everyone
     folder, out = beauty_slice
-    n_items = data.load_dataset(folder).n_items
-    untrained = tiger.main([f"--dataset={folder}", f"--out_dir={out}", "--run=e2e0", "--max_steps=1",
-                            "--eval_every=1", "--lr=1e-9"] + [a for a in SMALL_RUN if not a.startswith("--lr")])
     results = tiger.main([f"--dataset={folder}", f"--out_dir={out}", "--run=e2e", "--max_steps=300",
                           "--eval_every=100"] + SMALL_RUN)
     for split in ("valid", "test"):
-        assert results[split]["recall@10"] > 2 * 10 / n_items
-        assert results[split]["recall@10"] > untrained[split]["recall@10"]
-    assert 0 < results["test_most_popular"]["recall@10"] < 1
-    best = os.path.join(out, "beauty2k", "rqvae", "e2e", "best.pt")
+        assert results[split]["recall@10"] > 1.25 * results[split + "_most_popular"]["recall@10"] > 0
+        assert results[split]["ndcg@10"] > 1.25 * results[split + "_most_popular"]["ndcg@10"]
+    best = os.path.join(out, "beauty1k", "rqvae", "e2e", "best.pt")
     # the eval.py driver reproduces the test numbers from the saved checkpoint ...
     again = evaluation.main([f"--ckpt={best}"])
     assert again["recall@10"] == pytest.approx(results["test"]["recall@10"])
@@ -552,7 +557,8 @@ def test_end_to_end_on_a_beauty_slice(beauty_slice):
 def test_interrupted_run_resumes_to_the_same_result(beauty_slice, monkeypatch):
     folder, out = beauty_slice
     args = [f"--dataset={folder}", f"--out_dir={out}", "--max_steps=40", "--eval_every=20", "--patience=9"]
-    whole = tiger.main(args + ["--run=whole"] + SMALL_RUN)
+    small = SMALL_RUN + ["--dropout=0.1"]  # dropout draws random numbers: resuming must restore the RNG
+    whole = tiger.main(args + ["--run=whole"] + small)
 
     real_save = tiger.save_atomic
 
@@ -563,21 +569,21 @@ def test_interrupted_run_resumes_to_the_same_result(beauty_slice, monkeypatch):
 
     monkeypatch.setattr(tiger, "save_atomic", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
-        tiger.main(args + ["--run=cut"] + SMALL_RUN)
+        tiger.main(args + ["--run=cut"] + small)
     monkeypatch.setattr(tiger, "save_atomic", real_save)
-    resumed = tiger.main(args + ["--run=cut", "--resume"] + SMALL_RUN)
+    resumed = tiger.main(args + ["--run=cut", "--resume"] + small)
     assert resumed["test"] == whole["test"] and resumed["log"] == whole["log"]
-    a = torch.load(os.path.join(out, "beauty2k", "rqvae", "whole", "ckpt.pt"), weights_only=True)["model"]
-    b = torch.load(os.path.join(out, "beauty2k", "rqvae", "cut", "ckpt.pt"), weights_only=True)["model"]
+    a = torch.load(os.path.join(out, "beauty1k", "rqvae", "whole", "ckpt.pt"), weights_only=True)["model"]
+    b = torch.load(os.path.join(out, "beauty1k", "rqvae", "cut", "ckpt.pt"), weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     # a resumed run with other settings is refused
     with pytest.raises(data.InputError, match="different config"):
-        tiger.main(args + ["--run=cut", "--resume", "--lr=0.1"] + SMALL_RUN[:-4])
+        tiger.main(args + ["--run=cut", "--resume"] + small + ["--lr=0.1"])  # a later flag wins
 
 
 def test_corrupted_checkpoint_gives_a_clear_error(beauty_slice):
     folder, out = beauty_slice
-    run_dir = os.path.join(out, "beauty2k", "rqvae", "broken")
+    run_dir = os.path.join(out, "beauty1k", "rqvae", "broken")
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, "ckpt.pt"), "wb") as f:
         f.write(b"PK\x03\x04 this is not a checkpoint")
