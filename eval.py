@@ -80,7 +80,7 @@ def evaluate(model, examples, tokenizer, user_tok, tables, beam_size, batch_size
     bar = tqdm(range(0, len(order), batch_size), desc="eval", leave=False, disable=not progress)
     for start in bar:
         batch = data.make_batch(examples, order[start:start + batch_size], tokenizer, user_tok)
-        with autocast():  # bf16 on a GPU (tiger.py passes it), nothing on the CPU
+        with autocast():  # bf16 where tiger.make_autocast chose it, else nothing
             codes, scores = model.beam_search(batch["enc"].to(device), tables, beam_size, constrained)
         items = tables.items_of(codes)                                   # (B, beam), 0 = no item
         items = torch.where(torch.isfinite(scores), items, torch.zeros_like(items))
@@ -125,18 +125,20 @@ def main(argv):
     ds, (_, valid, test), tokenizer, user_tok, tables, model, dev = tiger.build({**saved["config"], "device": "auto"},
                                                                                saved)
     examples = valid if config["split"] == "valid" else test
+    autocast = tiger.make_autocast(dev)  # the precision the model was trained with, where this machine has it
     if config["demo"] > 0:
         model.eval()
         idx = np.random.default_rng(0).choice(len(examples), config["demo"], replace=False)
         batch = data.make_batch(examples, idx, tokenizer, user_tok)
-        codes, _ = model.beam_search(batch["enc"].to(dev), tables, tiger.beam_size)
+        with autocast():
+            codes, _ = model.beam_search(batch["enc"].to(dev), tables, tiger.beam_size)
         top = tables.items_of(codes).cpu()
         for j, i in enumerate(idx):
             show(ds, tokenizer, examples.user[i], examples.history[i, :examples.length[i]], top[j].tolist(),
                  examples.target[i])
         return None
     metrics = evaluate(model, examples, tokenizer, user_tok, tables, tiger.beam_size, tiger.eval_batch_size,
-                       dev, constrained=config["constrained"])
+                       dev, constrained=config["constrained"], autocast=autocast)
     print(f"{config['ckpt']} (step {saved['step']}) on {config['split']}, "
           f"{'constrained' if config['constrained'] else 'unconstrained'} beam search, beam {tiger.beam_size}:")
     for k, v in metrics.items():

@@ -387,26 +387,47 @@ def tiny_codes():
     return codes
 
 
+LEVELS_60 = [(2, 15), (17, 15), (32, 15), (47, 13)]  # 4 code levels in a 60-token vocabulary
+
+
 def test_decoder_is_causal_and_encoder_ignores_padding(tiny):
-    model = tiger.TIGER(60).eval()
+    model = tiger.TIGER(60, LEVELS_60).eval()
     enc = torch.randint(2, 60, (3, 9))
     dec = torch.randint(2, 60, (3, 4))
-    logits, _ = model(enc, dec)
+    states, _ = model(enc, dec)                  # (3, 4, d): what every score is computed from
     dec2 = dec.clone()
     dec2[:, 2:] = torch.randint(2, 60, (3, 2))  # change later decoder inputs
-    logits2, _ = model(enc, dec2)
-    assert torch.allclose(logits[:, :2], logits2[:, :2], atol=1e-6)
-    assert not torch.allclose(logits[:, 2:], logits2[:, 2:], atol=1e-3)
-    # appending padding to the encoder input changes neither the real tokens' outputs nor the logits
+    states2, _ = model(enc, dec2)
+    assert torch.allclose(states[:, :2], states2[:, :2], atol=1e-6)
+    assert not torch.allclose(states[:, 2:], states2[:, 2:], atol=1e-3)
+    # appending padding to the encoder input changes neither the real tokens' outputs nor the decoder's
     memory, _ = model.encode(enc)
     padded = torch.cat([enc, torch.full((3, 5), data.PAD)], 1)
     memory_p, _ = model.encode(padded)
     assert torch.allclose(memory, memory_p[:, :9], atol=1e-5)
-    assert torch.allclose(model(padded, dec)[0], logits, atol=1e-5)
+    assert torch.allclose(model(padded, dec)[0], states, atol=1e-5)
+
+
+@pytest.mark.parametrize("head", ["level", "full"])
+def test_code_logprobs_and_loss(tiny, monkeypatch, head):
+    monkeypatch.setattr(tiger, "head", head)
+    model = tiger.TIGER(60, LEVELS_60).eval()
+    enc, dec = torch.randint(2, 60, (3, 9)), torch.randint(2, 60, (3, 4))
+    target = torch.tensor([[first + 1 for first, _ in LEVELS_60]] * 3)   # code 1 of every level
+    states, loss = model(enc, dec, target)
+    logp = [model.code_logprobs(states[:, l], l) for l in range(4)]      # each (3, n_codes of level l)
+    assert [p.shape[1] for p in logp] == [15, 15, 15, 13]
+    total = torch.stack([p.exp().sum(-1) for p in logp])
+    if head == "level":   # a proper distribution over the level's codes
+        assert torch.allclose(total, torch.ones_like(total), atol=1e-5)
+    else:                 # the whole vocabulary shares the mass, so a level gets less than all of it
+        assert (total < 0.99).all()
+    # the loss is the mean negative log-probability of the target codes
+    assert torch.allclose(loss, -torch.stack([p[:, 1] for p in logp]).mean(), atol=1e-6)
 
 
 def test_incremental_decoding_with_cache_equals_full_forward(tiny):
-    model = tiger.TIGER(60).eval()
+    model = tiger.TIGER(60, LEVELS_60).eval()
     enc = torch.randint(2, 60, (2, 7))
     dec = torch.randint(2, 60, (2, 5))
     full, _ = model(enc, dec)
@@ -417,21 +438,29 @@ def test_incremental_decoding_with_cache_equals_full_forward(tiny):
 
 
 def sequence_logprobs(model, enc, tokenizer):
-    """Brute force: the exact log-probability of every item's Semantic ID for each user, (B, n_items)."""
+    """Brute force: the exact log-probability of every item's Semantic ID for each user, (B, n_items):
+    one teacher-forced pass per (user, item), summing log p(code) over the levels."""
     items = tokenizer.item_tokens[1:]                                       # (n_items, L)
     B, n = enc.shape[0], len(items)
     target = items.repeat(B, 1)
     dec_in = torch.cat([torch.full((B * n, 1), data.BOS), target[:, :-1]], 1)
-    logits, _ = model(enc.repeat_interleave(n, 0), dec_in)
-    logp = torch.log_softmax(logits, -1).gather(-1, target[..., None])[..., 0].sum(1)
+    states, _ = model(enc.repeat_interleave(n, 0), dec_in)
+    logp = sum(model.code_logprobs(states[:, l], l).gather(1, target[:, l:l + 1] - first)[:, 0]
+               for l, first in enumerate(tokenizer.level_offset))
     return logp.view(B, n)
 
 
-def test_beam_search_matches_brute_force(tiny):
+def levels_of(tok):
+    return list(zip(tok.level_offset, tok.level_sizes))
+
+
+@pytest.mark.parametrize("head", ["level", "full"])
+def test_beam_search_matches_brute_force(tiny, monkeypatch, head):
+    monkeypatch.setattr(tiger, "head", head)
     codes = tiny_codes()
     tok = data.Tokenizer(codes, n_user_buckets=10)
     tables = tiger.PrefixTables(tok)
-    model = tiger.TIGER(tok.vocab_size).eval()
+    model = tiger.TIGER(tok.vocab_size, levels_of(tok)).eval()
     enc = torch.cat([torch.full((4, 1), tok.user_offset), tok.item_tokens[torch.randint(1, 15, (4, 3))].flatten(1)], 1)
     brute = sequence_logprobs(model, enc, tok)                              # (4, 14)
     # a beam as large as the item set is exact: the top-K items by sequence log-probability
@@ -478,7 +507,7 @@ def test_tiny_model_overfits_tiny_dataset_to_recall_at_1(tiny):
     ex = data.Examples(user=np.arange(8), history=history, length=np.full(8, 3),
                        target=rng.permutation(14)[:8] + 1, position=np.full(8, 3))
     user_tok = tok.user_tokens([f"u{i}" for i in range(8)])
-    model = tiger.TIGER(tok.vocab_size)
+    model = tiger.TIGER(tok.vocab_size, levels_of(tok))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     batch = data.make_batch(ex, np.arange(8), tok, user_tok)
     for _ in range(150):
