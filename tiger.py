@@ -32,7 +32,7 @@ import eval as evaluation  # eval.py: metrics and the evaluation loop ("eval" wo
 
 # ----------------------------------------------------------------------------------------------
 # 1. Config. Paper values (Sec. 4, "Sequence to Sequence Model Training") in the comments; the defaults
-# are the CPU setting measured in the README (~21 min on 2 cores); config/tiger_paper.py is the paper's.
+# are the CPU setting measured in the README (~17 min on 2 cores); config/tiger_paper.py is the paper's.
 dataset = "beauty"        # beauty | sports | toys
 ids = "rqvae"             # which Semantic IDs (prepare.py --ids): rqvae | lsh | random | rqkmeans
 out_dir = "out"           # prepare.py wrote out/<dataset>/<ids>/codes.npy; we write out/<dataset>/<ids>/<run>/
@@ -369,7 +369,7 @@ def make_autocast(dev):
     """The context every forward pass runs in: bf16 autocast (matrix products in bfloat16; norms,
     softmaxes and the loss in float32) or nothing (float32). precision=auto takes bf16 where the
     hardware has it: a GPU, or a CPU with AVX512-BF16 / AMX. Other CPUs emulate bf16, slower than
-    float32. On the README's 2-core CPU bf16 makes training ~1.25x faster."""
+    float32. See the README for what it changes on our 2-core CPU."""
     if precision == "bf16" or (precision == "auto" and (dev == "cuda" or cpu_has_bf16())):
         return lambda: torch.autocast(dev, dtype=torch.bfloat16)
     return contextlib.nullcontext
