@@ -217,6 +217,7 @@ class Tokenizer:
         self.id_length = codes.shape[1]                                          # L
         self.level_sizes = (codes.max(axis=0) + 1).tolist()                      # tokens per level
         self.level_offset = (2 + np.concatenate([[0], np.cumsum(self.level_sizes)[:-1]])).tolist()
+        self.levels = list(zip(self.level_offset, self.level_sizes))             # [(first token, size)]
         self.user_offset = 2 + sum(self.level_sizes)
         self.vocab_size = self.user_offset + n_user_buckets
         self.n_user_buckets = n_user_buckets

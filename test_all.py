@@ -130,6 +130,7 @@ def test_token_layout_and_batches_pad_to_batch_max(beauty):
     codes = np.array([[0, 1, 0, 0], [2, 1, 3, 0], [2, 1, 3, 1]])  # 3 items, L = 4
     tok = data.Tokenizer(codes)
     assert tok.level_sizes == [3, 2, 4, 2] and tok.level_offset == [2, 5, 7, 11]
+    assert tok.levels == [(2, 3), (5, 2), (7, 4), (11, 2)]
     assert tok.user_offset == 13 and tok.vocab_size == 13 + data.N_USER_BUCKETS
     assert tok.item_tokens[2].tolist() == [4, 6, 10, 11] and tok.item_tokens[0].tolist() == [0] * 4
     ex = data.Examples(user=np.array([0, 1]), history=np.array([[1, 0, 0], [3, 2, 0]]),
@@ -446,12 +447,8 @@ def sequence_logprobs(model, enc, tokenizer):
     dec_in = torch.cat([torch.full((B * n, 1), data.BOS), target[:, :-1]], 1)
     states, _ = model(enc.repeat_interleave(n, 0), dec_in)
     logp = sum(model.code_logprobs(states[:, l], l).gather(1, target[:, l:l + 1] - first)[:, 0]
-               for l, first in enumerate(tokenizer.level_offset))
+               for l, (first, _) in enumerate(tokenizer.levels))
     return logp.view(B, n)
-
-
-def levels_of(tok):
-    return list(zip(tok.level_offset, tok.level_sizes))
 
 
 @pytest.mark.parametrize("head", ["level", "full"])
@@ -460,7 +457,7 @@ def test_beam_search_matches_brute_force(tiny, monkeypatch, head):
     codes = tiny_codes()
     tok = data.Tokenizer(codes, n_user_buckets=10)
     tables = tiger.PrefixTables(tok)
-    model = tiger.TIGER(tok.vocab_size, levels_of(tok)).eval()
+    model = tiger.TIGER(tok.vocab_size, tok.levels).eval()
     enc = torch.cat([torch.full((4, 1), tok.user_offset), tok.item_tokens[torch.randint(1, 15, (4, 3))].flatten(1)], 1)
     brute = sequence_logprobs(model, enc, tok)                              # (4, 14)
     # a beam as large as the item set is exact: the top-K items by sequence log-probability
@@ -507,7 +504,7 @@ def test_tiny_model_overfits_tiny_dataset_to_recall_at_1(tiny):
     ex = data.Examples(user=np.arange(8), history=history, length=np.full(8, 3),
                        target=rng.permutation(14)[:8] + 1, position=np.full(8, 3))
     user_tok = tok.user_tokens([f"u{i}" for i in range(8)])
-    model = tiger.TIGER(tok.vocab_size, levels_of(tok))
+    model = tiger.TIGER(tok.vocab_size, tok.levels)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     batch = data.make_batch(ex, np.arange(8), tok, user_tok)
     for _ in range(150):

@@ -182,8 +182,8 @@ class Block(nn.Module):
 
 class TIGER(nn.Module):
     def __init__(self, vocab_size, levels):
-        """levels: [(first token, number of codes)] of each Semantic-ID level (data.Tokenizer's
-        level_offset and level_sizes): decoder position l generates a code of level l."""
+        """levels: [(first token, number of codes)] of each Semantic-ID level (data.Tokenizer.levels):
+        decoder position l generates a code of level l."""
         super().__init__()
         self.levels = levels
         self.embed = nn.Embedding(vocab_size, d_model)   # one vocabulary for encoder and decoder (data.py)
@@ -265,7 +265,7 @@ class TIGER(nn.Module):
         for level in range(L):
             n_beam = tokens.shape[1]
             h = self.decode(tokens.view(-1, 1), memory, cross_bias, caches, start=level)      # (B*n, 1, d)
-            lo, size = tables.level_offset[level], tables.level_sizes[level]
+            lo, size = self.levels[level]
             logp = self.code_logprobs(h[:, 0], level).view(B, n_beam, size)                  # this level's codes
             if constrained:
                 logp = logp.masked_fill(~tables.allowed[level][state], float("-inf"))
@@ -434,7 +434,7 @@ def build(config, ckpt=None):
     user_tok = tokenizer.user_tokens(ds.users)
     tables = PrefixTables(tokenizer, dev)
     torch.manual_seed(seed)
-    model = TIGER(tokenizer.vocab_size, list(zip(tokenizer.level_offset, tokenizer.level_sizes))).to(dev)
+    model = TIGER(tokenizer.vocab_size, tokenizer.levels).to(dev)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
     return ds, data.split(ds), tokenizer, user_tok, tables, model, dev
