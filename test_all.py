@@ -427,6 +427,23 @@ def test_code_logprobs_and_loss(tiny, monkeypatch, head):
     assert torch.allclose(loss, -torch.stack([p[:, 1] for p in logp]).mean(), atol=1e-6)
 
 
+@pytest.mark.parametrize("inner", [True, False])
+def test_inner_dropout_switches_attention_and_mlp_dropout(tiny, monkeypatch, inner):
+    # dropout on the residual stream is always on when dropout > 0; inner_dropout decides whether the
+    # attention probabilities and the MLP's hidden units are dropped too (T5 drops both)
+    monkeypatch.setattr(tiger, "dropout", 0.5)
+    monkeypatch.setattr(tiger, "inner_dropout", inner)
+    block = tiger.Block(cross=False)
+    x, bias = torch.randn(4, 6, 16), torch.zeros(1, 2, 6, 6)
+    attn_eval, mlp_eval = block.self_attn(x, x, bias), block.mlp(x)
+    block.train()
+    attn_train, mlp_train = block.self_attn(x, x, bias), block.mlp(x)
+    assert torch.allclose(attn_train, attn_eval, atol=1e-6) != inner
+    assert torch.allclose(mlp_train, mlp_eval, atol=1e-6) != inner
+    y_eval = block.eval()(x, bias)
+    assert not torch.allclose(block.train()(x, bias), y_eval, atol=1e-3)  # the residual dropout stays
+
+
 def test_incremental_decoding_with_cache_equals_full_forward(tiny):
     model = tiger.TIGER(60, LEVELS_60).eval()
     enc = torch.randint(2, 60, (2, 7))

@@ -8,6 +8,7 @@ head_dim = 64
 d_model = 128
 d_ff = 1024
 dropout = 0.1
+inner_dropout = True   # T5 drops attention probabilities and MLP hidden units too
 head = "full"          # T5X's softmax over the whole vocabulary (the paper does not say otherwise)
 batch_size = 256
 optimizer = "adafactor"
