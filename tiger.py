@@ -123,14 +123,14 @@ class RelativePositionBias(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self):
+    def __init__(self, drop):
         super().__init__()
         inner = n_head * head_dim
         self.q = nn.Linear(d_model, inner, bias=False)
         self.k = nn.Linear(d_model, inner, bias=False)
         self.v = nn.Linear(d_model, inner, bias=False)
         self.o = nn.Linear(inner, d_model, bias=False)
-        self.drop = dropout if inner_dropout else 0.0  # on the attention probabilities
+        self.drop = drop  # dropout on the attention probabilities
 
     def split(self, x):  # (B, T, H*hd) -> (B, H, T, hd)
         return x.view(x.shape[0], x.shape[1], n_head, head_dim).transpose(1, 2)
@@ -165,13 +165,13 @@ class Block(nn.Module):
     # each as x + dropout(sublayer(norm(x)))
     def __init__(self, cross):
         super().__init__()
-        self.norm_self, self.self_attn = RMSNorm(d_model), Attention()
+        inner = dropout if inner_dropout else 0.0  # on attention probabilities and MLP hidden units
+        self.norm_self, self.self_attn = RMSNorm(d_model), Attention(inner)
         self.cross = cross
         if cross:
-            self.norm_cross, self.cross_attn = RMSNorm(d_model), Attention()
+            self.norm_cross, self.cross_attn = RMSNorm(d_model), Attention(inner)
         self.norm_mlp = RMSNorm(d_model)
-        self.mlp = nn.Sequential(nn.Linear(d_model, d_ff, bias=False), nn.ReLU(),
-                                 nn.Dropout(dropout if inner_dropout else 0.0),
+        self.mlp = nn.Sequential(nn.Linear(d_model, d_ff, bias=False), nn.ReLU(), nn.Dropout(inner),
                                  nn.Linear(d_ff, d_model, bias=False))
         self.drop = nn.Dropout(dropout)
 
@@ -259,7 +259,7 @@ class TIGER(nn.Module):
     def beam_search(self, enc, tables, beam_size, constrained=True):
         """enc: (B, T) encoder tokens. Returns (codes (B, beam, L) long, scores (B, beam)), best first.
         A returned ID with score -inf is a filler (fewer valid IDs than beams)."""
-        B, L, dev = enc.shape[0], len(tables.level_offset), enc.device
+        B, L, dev = enc.shape[0], len(self.levels), enc.device
         memory, cross_bias = self.encode(enc)
         caches = [{"self": {}, "cross": {}} for _ in self.decoder]
         tokens = torch.full((B, 1), data.BOS, device=dev)       # the current last token of each beam
@@ -300,21 +300,21 @@ class PrefixTables:
     def __init__(self, tokenizer, device="cpu"):
         codes = tokenizer.codes
         n, L = codes.shape
-        self.level_offset, self.level_sizes = tokenizer.level_offset, tokenizer.level_sizes
+        sizes = tokenizer.level_sizes
         prefix_id = [np.zeros(n, dtype=np.int64)]  # level 0: the empty prefix, id 0, for every item
         for l in range(1, L + 1):
             prefix_id.append(np.unique(codes[:, :l], axis=0, return_inverse=True)[1].reshape(-1))
         self.allowed, self.next = [], []
         for l in range(L):
             n_prefix = prefix_id[l].max() + 1
-            allowed = np.zeros((n_prefix, self.level_sizes[l]), dtype=bool)
-            nxt = np.full((n_prefix, self.level_sizes[l]), -1, dtype=np.int64)
+            allowed = np.zeros((n_prefix, sizes[l]), dtype=bool)
+            nxt = np.full((n_prefix, sizes[l]), -1, dtype=np.int64)
             allowed[prefix_id[l], codes[:, l]] = True
             nxt[prefix_id[l], codes[:, l]] = prefix_id[l + 1]
             self.allowed.append(torch.from_numpy(allowed).to(device))
             self.next.append(torch.from_numpy(nxt).to(device))
         # to map any code tuple (valid or not) back to an item: mixed-radix number -> item id
-        self.radix = np.cumprod([1] + self.level_sizes[::-1])[:-1][::-1].copy()  # (L,)
+        self.radix = np.cumprod([1] + sizes[::-1])[:-1][::-1].copy()  # (L,)
         keys = codes @ self.radix
         order = np.argsort(keys)
         self.sorted_keys = torch.from_numpy(keys[order]).to(device)
