@@ -4,6 +4,7 @@ test_all.py -- nanoTIGER's test suite: `python -m pytest -q test_all.py` (a few 
 Every test is seeded and pins one behaviour with values that would catch a real bug.
 Sections follow the chapters: data.py, rqvae.py + prepare.py, tiger.py + eval.py, end to end.
 """
+import copy
 import itertools
 import json
 import os
@@ -409,9 +410,10 @@ def test_decoder_is_causal_and_encoder_ignores_padding(tiny):
     assert torch.allclose(model(padded, dec)[0], states, atol=1e-5)
 
 
-@pytest.mark.parametrize("head", ["level", "full"])
-def test_code_logprobs_and_loss(tiny, monkeypatch, head):
+@pytest.mark.parametrize("head,eps", [("level", 0.0), ("full", 0.0), ("level", 0.2)])
+def test_code_logprobs_and_loss(tiny, monkeypatch, head, eps):
     monkeypatch.setattr(tiger, "head", head)
+    monkeypatch.setattr(tiger, "label_smoothing", eps)
     model = tiger.TIGER(60, LEVELS_60).eval()
     enc, dec = torch.randint(2, 60, (3, 9)), torch.randint(2, 60, (3, 4))
     target = torch.tensor([[first + 1 for first, _ in LEVELS_60]] * 3)   # code 1 of every level
@@ -423,8 +425,25 @@ def test_code_logprobs_and_loss(tiny, monkeypatch, head):
         assert torch.allclose(total, torch.ones_like(total), atol=1e-5)
     else:                 # the whole vocabulary shares the mass, so a level gets less than all of it
         assert (total < 0.99).all()
-    # the loss is the mean negative log-probability of the target codes
-    assert torch.allclose(loss, -torch.stack([p[:, 1] for p in logp]).mean(), atol=1e-6)
+    # the loss is the mean negative log-probability of the target codes; with label smoothing eps, the
+    # cross-entropy against (1 - eps) on the target code plus eps spread evenly over the level's codes
+    smoothed = [(1 - eps) * -p[:, 1] + eps * -p.mean(-1) for p in logp]
+    assert torch.allclose(loss, torch.stack(smoothed).mean(), atol=1e-6)
+
+
+def test_ema_update_is_the_moving_average(tiny, monkeypatch):
+    monkeypatch.setattr(tiger, "ema", 0.9)
+    model = tiger.TIGER(60, LEVELS_60)
+    averaged = copy.deepcopy(model)
+    old = [p.detach().clone() for p in averaged.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    tiger.update_ema(averaged, model, step=0)      # decay ramps up: min(0.9, 1/10) = 0.1 at step 0
+    tiger.update_ema(averaged, model, step=1000)   # then the configured 0.9
+    for a, o, p in zip(averaged.parameters(), old, model.parameters()):
+        first = 0.1 * o + 0.9 * p
+        assert torch.allclose(a, 0.9 * first + 0.1 * p, atol=1e-6)
 
 
 @pytest.mark.parametrize("inner", [True, False])
@@ -600,7 +619,8 @@ def test_end_to_end_on_a_beauty_slice(beauty_slice):
 def test_interrupted_run_resumes_to_the_same_result(beauty_slice, monkeypatch):
     folder, out = beauty_slice
     args = [f"--dataset={folder}", f"--out_dir={out}", "--max_steps=40", "--eval_every=20", "--patience=9"]
-    small = SMALL_RUN + ["--dropout=0.1"]  # dropout draws random numbers: resuming must restore the RNG
+    # dropout draws random numbers, so resuming must restore the RNG; the weight average must be restored too
+    small = SMALL_RUN + ["--dropout=0.1", "--ema=0.9"]
     whole = tiger.main(args + ["--run=whole"] + small)
 
     real_save = tiger.save_atomic

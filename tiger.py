@@ -15,6 +15,7 @@ valid IDs, gives a ranked list of items. This file holds, in reading order:
 Run `python prepare.py && python tiger.py`.
 """
 import contextlib
+import copy
 import math
 import os
 import sys
@@ -60,6 +61,9 @@ warmup_steps = 300        # paper: 10k steps at constant lr, then inverse square
 schedule = "cosine"       # cosine (warmup, then cosine decay to 0 at max_steps) | rsqrt (the paper's)
 max_steps = 10000         # paper: 200k
 grad_clip = 1.0
+label_smoothing = 0.0     # share of each level's target mass spread evenly over its codes (paper: none)
+ema = 0.0                 # > 0: validate, keep and test an exponential moving average of the weights with
+                          # this decay per step instead of the weights themselves (0 = off; paper: none)
 seed = 1337
 # evaluation and model selection (validation split only; the test split is read once, at the end)
 beam_size = 20            # beams kept; also the length of the returned ranking (K <= beam_size)
@@ -246,9 +250,15 @@ class TIGER(nn.Module):
         h = self.decode(dec_in, *self.encode(enc))
         if target is None:
             return h, None
-        nll = [-self.code_logprobs(h[:, l], l).gather(1, (target[:, l] - first)[:, None])
-               for l, (first, _) in enumerate(self.levels)]
-        return h, torch.cat(nll).mean()
+        losses = []
+        for l, (first, _) in enumerate(self.levels):
+            logp = self.code_logprobs(h[:, l], l)                       # (B, n_codes)
+            nll = -logp.gather(1, (target[:, l] - first)[:, None])[:, 0]  # (B,)
+            # label smoothing: the target is (1 - eps) on the right code + eps spread over all codes
+            if label_smoothing > 0:
+                nll = (1 - label_smoothing) * nll - label_smoothing * logp.mean(-1)
+            losses.append(nll)
+        return h, torch.cat(losses).mean()
 
     # ------------------------------------------------------------------------------------------
     # 3. Beam search. The decoder emits one code per level; at level l only the tokens of level l are
@@ -363,6 +373,15 @@ def train_step(model, opt, batch, step, dev, autocast):
     return loss
 
 
+@torch.no_grad()
+def update_ema(averaged, model, step):
+    """averaged <- decay * averaged + (1 - decay) * model, parameter by parameter. The decay ramps up
+    over the first steps, so the average does not remember the random initialisation for long."""
+    decay = min(ema, (1 + step) / (10 + step))
+    for a, p in zip(averaged.parameters(), model.parameters()):
+        a.lerp_(p, 1 - decay)
+
+
 def cpu_has_bf16():
     # torch's CPU feature probes are private (torch.cpu._is_*); a build without them counts as "no"
     probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
@@ -395,8 +414,9 @@ def check_config(config):
                          ("precision", ("auto", "bf16", "fp32"))):
         if config[key] not in allowed:
             problems.append(f"{key} must be one of {', '.join(allowed)} (got {config[key]!r})")
-    if not 0 <= config["dropout"] < 1:
-        problems.append(f"dropout must be in [0, 1) (got {config['dropout']})")
+    for key in ("dropout", "label_smoothing", "ema"):
+        if not 0 <= config[key] < 1:
+            problems.append(f"{key} must be in [0, 1) (got {config[key]})")
     if config["lr"] <= 0:
         problems.append(f"lr must be > 0 (got {config['lr']})")
     if config["device"] == "cuda" and not torch.cuda.is_available():
@@ -468,12 +488,16 @@ def main(argv):
           f"{'bf16 autocast' if autocast is not contextlib.nullcontext else 'float32'}")
     print(f"examples: {len(train):,} train, {len(valid):,} valid, {len(test):,} test")
     opt = make_optimizer(model)
+    # With --ema, `averaged` is the model that is validated, kept as best.pt and tested; else the model.
+    averaged = copy.deepcopy(model) if ema > 0 else model
     if bench:
         return benchmark(model, opt, train, valid, tokenizer, user_tok, tables, dev, autocast)
 
     step, best, bad_evals, log = 0, -1.0, 0, []
     if ckpt is not None:
         opt.load_state_dict(ckpt["optimizer"])
+        if ema > 0:
+            averaged.load_state_dict(ckpt["ema"])
         step, best, bad_evals, log = ckpt["step"], ckpt["best"], ckpt["bad_evals"], ckpt["log"]
         torch.set_rng_state(ckpt["rng"])
         if ckpt.get("cuda_rng") is not None and dev == "cuda":
@@ -493,12 +517,14 @@ def main(argv):
             batches = {epoch: data.epoch_batches(train, batch_size, [seed, epoch], by_length)}
         batch = data.make_batch(train, batches[epoch][i], tokenizer, user_tok)
         loss = train_step(model, opt, batch, step, dev, autocast)
+        if ema > 0:
+            update_ema(averaged, model, step)
         seen += len(batch["target"])
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}", ex_s=f"{seen / (time.time() - t_last):.0f}",
                             lr=f"{get_lr(step):.2e}")
         if (step + 1) % eval_every == 0 or step + 1 == max_steps:
-            metrics = evaluation.evaluate(model, valid, tokenizer, user_tok, tables, beam_size, eval_batch_size,
+            metrics = evaluation.evaluate(averaged, valid, tokenizer, user_tok, tables, beam_size, eval_batch_size,
                                           dev, limit=eval_users, autocast=autocast)
             improved = metrics["recall@10"] > best
             best, bad_evals = (metrics["recall@10"], 0) if improved else (best, bad_evals + 1)
@@ -506,8 +532,9 @@ def main(argv):
             tqdm.write(f"step {step + 1}: loss {loss.item():.3f}, valid recall@10 {metrics['recall@10']:.4f} "
                        f"ndcg@10 {metrics['ndcg@10']:.4f}{' (best)' if improved else ''}")
             if improved:
-                save_atomic({"model": model.state_dict(), "config": config, "step": step + 1}, best_path)
+                save_atomic({"model": averaged.state_dict(), "config": config, "step": step + 1}, best_path)
             save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "config": config,
+                         "ema": averaged.state_dict() if ema > 0 else None,
                          "step": step + 1, "best": best, "bad_evals": bad_evals, "log": log,
                          "rng": torch.get_rng_state(),
                          "cuda_rng": torch.cuda.get_rng_state_all() if dev == "cuda" else None}, ckpt_path)
