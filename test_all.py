@@ -610,9 +610,10 @@ def test_end_to_end_on_a_beauty_slice(beauty_slice):
     # the eval.py driver reproduces the test numbers from the saved checkpoint ...
     again = evaluation.main([f"--ckpt={best}"])
     assert again["recall@10"] == pytest.approx(results["test"]["recall@10"])
-    # ... reports the invalid-ID rate of unconstrained decoding, and shows a demo
+    # ... reports the invalid-ID rate of unconstrained decoding (its recall may land on either side of the
+    # constrained one: invalid prefixes take beam slots, but pruning changes which beams survive), and a demo
     free = evaluation.main([f"--ckpt={best}", "--constrained=False"])
-    assert 0 <= free["invalid_rate"] <= 1 and free["recall@10"] <= results["test"]["recall@10"]
+    assert 0 <= free["invalid_rate"] <= 1 and free["recall@10"] > 0
     evaluation.main([f"--ckpt={best}", "--demo=1"])
 
 
