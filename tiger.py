@@ -489,10 +489,11 @@ def main(argv):
           f"{'bf16 autocast' if autocast is not contextlib.nullcontext else 'float32'}")
     print(f"examples: {len(train):,} train, {len(valid):,} valid, {len(test):,} test")
     opt = make_optimizer(model)
-    # With --ema, `averaged` is the model that is validated, kept as best.pt and tested; else the model.
-    averaged = copy.deepcopy(model) if ema > 0 else model
     if bench:
         return benchmark(model, opt, train, valid, tokenizer, user_tok, tables, dev, autocast)
+    # `averaged` is the model that is validated, kept as best.pt and tested: the moving average of the
+    # weights when ema > 0 (the default), else the trained model itself
+    averaged = copy.deepcopy(model) if ema > 0 else model
 
     step, best, bad_evals, log = 0, -1.0, 0, []
     if ckpt is not None:
