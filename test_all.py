@@ -446,6 +446,26 @@ def test_ema_update_is_the_moving_average(tiny, monkeypatch):
         assert torch.allclose(a, 0.9 * first + 0.1 * p, atol=1e-6)
 
 
+def test_tied_embeddings_stay_one_table_through_a_step_a_copy_and_a_checkpoint(tiny, monkeypatch):
+    untied = sum(p.numel() for p in tiger.TIGER(60, LEVELS_60).parameters())
+    monkeypatch.setattr(tiger, "tie_embeddings", True)
+    model = tiger.TIGER(60, LEVELS_60)
+    assert model.head.weight is model.embed.weight
+    assert sum(p.numel() for p in model.parameters()) == untied - 60 * TINY["d_model"]
+    enc, dec = torch.randint(2, 60, (3, 9)), torch.randint(2, 60, (3, 4))
+    target = torch.tensor([[first + 1 for first, _ in LEVELS_60]] * 3)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(enc, dec, target)[1].backward()
+    opt.step()
+    assert model.head.weight is model.embed.weight            # the step updated the one shared table
+    averaged = copy.deepcopy(model)                           # the EMA copy is tied too
+    assert averaged.head.weight is averaged.embed.weight
+    fresh = tiger.TIGER(60, LEVELS_60)
+    fresh.load_state_dict(model.state_dict())
+    assert fresh.head.weight is fresh.embed.weight
+    assert torch.equal(fresh(enc, dec, target)[1], model(enc, dec, target)[1])
+
+
 @pytest.mark.parametrize("inner", [True, False])
 def test_inner_dropout_switches_attention_and_mlp_dropout(tiny, monkeypatch, inner):
     # dropout on the residual stream is always on when dropout > 0; inner_dropout decides whether the
