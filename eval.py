@@ -10,6 +10,7 @@ Also: the invalid-ID rate of unconstrained decoding (the paper's Fig. 6) and a m
 Drivers after the functions:
   python eval.py --ckpt=out/beauty/rqvae/tiger/best.pt [--split=test] [--constrained=False]
   python eval.py --ckpt=... --demo=3      # show 3 users' histories and their top-10 with titles and IDs
+  python eval.py --ckpt=... --split=valid --beam_size=80   # the same checkpoint decoded with a wider beam
 """
 import contextlib
 import sys
@@ -101,7 +102,8 @@ ckpt = "out/beauty/rqvae/tiger/best.pt"  # a checkpoint written by tiger.py
 split = "test"            # valid | test
 constrained = True        # False: unconstrained beam search, and report the invalid-ID rate (Fig. 6)
 demo = 0                  # > 0: print this many users' histories and top-10 instead of the metrics
-CONFIG = {"ckpt": ckpt, "split": split, "constrained": constrained, "demo": demo}
+beam_size = 0             # > 0: decode with this many beams instead of the checkpoint's (to compare widths)
+CONFIG = {"ckpt": ckpt, "split": split, "constrained": constrained, "demo": demo, "beam_size": beam_size}
 
 
 def show(ds, tokenizer, user, history, top, target):
@@ -120,10 +122,14 @@ def main(argv):
     config = data.configure(CONFIG, argv)
     if config["split"] not in ("valid", "test"):
         raise data.InputError(f"--split must be valid or test (got {config['split']!r})")
+    if config["beam_size"] < 0:
+        raise data.InputError(f"--beam_size must be > 0, or 0 for the checkpoint's (got {config['beam_size']})")
     saved = tiger.load_checkpoint(config["ckpt"])
     # the device is this machine's choice, not the one the checkpoint was trained on
-    ds, (_, valid, test), tokenizer, user_tok, tables, model, dev = tiger.build({**saved["config"], "device": "auto"},
-                                                                               saved)
+    run_config = {**saved["config"], "device": "auto"}
+    if config["beam_size"] > 0:
+        run_config["beam_size"] = config["beam_size"]
+    ds, (_, valid, test), tokenizer, user_tok, tables, model, dev = tiger.build(run_config, saved)
     examples = valid if config["split"] == "valid" else test
     autocast = tiger.make_autocast(dev)  # the precision the model was trained with, where this machine has it
     if config["demo"] > 0:

@@ -635,6 +635,8 @@ def test_end_to_end_on_a_beauty_slice(beauty_slice):
     free = evaluation.main([f"--ckpt={best}", "--constrained=False"])
     assert 0 <= free["invalid_rate"] <= 1 and free["recall@10"] > 0
     evaluation.main([f"--ckpt={best}", "--demo=1"])
+    # a wider beam than the checkpoint's (10) returns a longer ranking, so Recall@20 is reported too
+    assert "recall@20" in evaluation.main([f"--ckpt={best}", "--beam_size=20", "--split=valid"])
 
 
 def test_interrupted_run_resumes_to_the_same_result(beauty_slice, monkeypatch):
