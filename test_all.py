@@ -457,7 +457,7 @@ def test_tied_embeddings_stay_one_table_through_a_step_a_copy_and_a_checkpoint(t
     opt = torch.optim.AdamW(model.parameters(), lr=0.1)
     model(enc, dec, target)[1].backward()
     opt.step()
-    assert model.head.weight is model.embed.weight            # the step updated the one shared table
+    assert model.head.weight is model.embed.weight            # still one table after an optimizer step
     averaged = copy.deepcopy(model)                           # the EMA copy is tied too
     assert averaged.head.weight is averaged.embed.weight
     fresh = tiger.TIGER(60, LEVELS_60)

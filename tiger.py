@@ -207,7 +207,7 @@ class TIGER(nn.Module):
         self.enc_norm, self.dec_norm = RMSNorm(d_model), RMSNorm(d_model)
         self.drop = nn.Dropout(dropout)
         self.head = nn.Linear(d_model, vocab_size, bias=False)
-        if tie_embeddings:  # one table both reads a code and scores it as the next one (T5 v1.0; T5X's v1.1 unties)
+        if tie_embeddings:  # one table both reads a code and scores it as the next one
             self.head.weight = self.embed.weight
         for name, p in self.named_parameters():  # small init keeps early training stable
             if p.dim() == 2:
