@@ -483,6 +483,24 @@ def test_inner_dropout_switches_attention_and_mlp_dropout(tiny, monkeypatch, inn
     assert not torch.allclose(block.train()(x, bias), y_eval, atol=1e-3)  # the residual dropout stays
 
 
+def test_item_dropout_hides_whole_history_items_in_training_only(tiny, monkeypatch):
+    monkeypatch.setattr(tiger, "item_dropout", 0.5)
+    L, n = 4, 100
+    enc = torch.cat([torch.full((8, 1), 59), torch.randint(2, 59, (8, n * L))], 1)  # [user, 100 items]
+    dropped = tiger.drop_history_items(enc, L)
+    assert torch.equal(dropped[:, 0], enc[:, 0])                 # the user token is never dropped
+    items, kept = enc[:, 1:].view(8, n, L), dropped[:, 1:].view(8, n, L)
+    gone = (kept == data.PAD).all(-1)                            # (8, n) items that vanished
+    assert torch.equal(kept[~gone], items[~gone])                # the rest are untouched ...
+    assert torch.equal(kept == data.PAD, gone[..., None].expand(-1, -1, L))  # ... and none half-dropped
+    assert 0.4 < gone.float().mean() < 0.6
+    model = tiger.TIGER(60, LEVELS_60)
+    dec = torch.randint(2, 59, (8, 4))
+    model.eval()
+    assert torch.equal(model(enc, dec)[0], model(enc, dec)[0])   # evaluation always reads everything
+    assert not torch.allclose(model.train()(enc, dec)[0], model.eval()(enc, dec)[0], atol=1e-3)
+
+
 def test_incremental_decoding_with_cache_equals_full_forward(tiny):
     model = tiger.TIGER(60, LEVELS_60).eval()
     enc = torch.randint(2, 60, (2, 7))

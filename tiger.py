@@ -48,6 +48,8 @@ dropout = 0.0             # paper: 0.1, on the embeddings and each sublayer's ou
                           # CPU it doubles a step and did not pay off within the budget (README)
 inner_dropout = True      # dropout also on attention probabilities and MLP hidden units, as T5 does; False
                           # keeps the cheap part (these two are 3/4 of the elements dropout draws for)
+item_dropout = 0.0        # training only: hide each history item (all its L tokens) with this probability, a
+                          # cheap input-level regulariser (one random number per item); paper: none
 tie_embeddings = False    # output layer = input embedding table (T5 v1.0 does this; T5 v1.1, T5X's default, not)
 head = "level"            # level: the decoder's position l scores only level l's codes (a softmax over ~256)
                           # full: T5's softmax over the whole vocabulary (T5X, so the paper); see README
@@ -193,6 +195,16 @@ class Block(nn.Module):
         return x + self.drop(self.mlp(self.norm_mlp(x)))
 
 
+def drop_history_items(enc, id_length):
+    """enc: (B, 1 + n*L) encoder tokens [user, item_1 codes, ..., item_n codes]. Each history item is
+    replaced by PAD tokens with probability item_dropout; attention already skips PAD keys, so the item
+    simply vanishes from that example. The user token is never dropped."""
+    B, T = enc.shape
+    hidden = torch.rand(B, (T - 1) // id_length, device=enc.device) < item_dropout  # (B, n) one draw per item
+    hidden = F.pad(hidden.repeat_interleave(id_length, dim=1), (1, 0))              # (B, T), user kept
+    return enc.masked_fill(hidden, data.PAD)
+
+
 class TIGER(nn.Module):
     def __init__(self, vocab_size, levels):
         """levels: [(first token, number of codes)] of each Semantic-ID level (data.Tokenizer.levels):
@@ -254,6 +266,8 @@ class TIGER(nn.Module):
     def forward(self, enc, dec_in, target=None):
         """Teacher forcing. enc (B, T), dec_in (B, L) = [BOS, c_0 .. c_{L-2}], target (B, L) the tokens
         of the next item. Returns the decoder states (B, L, d) and the mean cross-entropy per code."""
+        if self.training and item_dropout > 0:
+            enc = drop_history_items(enc, len(self.levels))
         h = self.decode(dec_in, *self.encode(enc))
         if target is None:
             return h, None
@@ -422,7 +436,7 @@ def check_config(config):
                          ("precision", ("auto", "bf16", "fp32"))):
         if config[key] not in allowed:
             problems.append(f"{key} must be one of {', '.join(allowed)} (got {config[key]!r})")
-    for key in ("dropout", "label_smoothing", "ema"):
+    for key in ("dropout", "item_dropout", "label_smoothing", "ema"):
         if not 0 <= config[key] < 1:
             problems.append(f"{key} must be in [0, 1) (got {config[key]})")
     if config["lr"] <= 0:
