@@ -48,8 +48,8 @@ dropout = 0.0             # paper: 0.1, on the embeddings and each sublayer's ou
                           # CPU it doubles a step and did not pay off within the budget (README)
 inner_dropout = True      # dropout also on attention probabilities and MLP hidden units, as T5 does; False
                           # keeps the cheap part (these two are 3/4 of the elements dropout draws for)
-item_dropout = 0.0        # training only: hide each history item (all its L tokens) with this probability, a
-                          # cheap input-level regulariser (one random number per item); paper: none
+item_dropout = 0.15       # training only: hide each history item (all its L tokens) with this probability, a
+                          # cheap input-level regulariser (one random number per item); paper: none (README)
 tie_embeddings = False    # output layer = input embedding table (T5 v1.0 does this; T5 v1.1, T5X's default, not)
 head = "level"            # level: the decoder's position l scores only level l's codes (a softmax over ~256)
                           # full: T5's softmax over the whole vocabulary (T5X, so the paper); see README
@@ -62,7 +62,7 @@ lr = 0.003                # peak learning rate (paper: 0.01)
 weight_decay = 0.1        # adamw only (decoupled); 0.1 beat 0.01, 0.2 and 0.3 here (README)
 warmup_steps = 300        # paper: 10k steps at constant lr, then inverse square root decay
 schedule = "cosine"       # cosine (warmup, then cosine decay to 0 at max_steps) | rsqrt (the paper's)
-max_steps = 10000         # paper: 200k
+max_steps = 12000         # paper: 200k
 grad_clip = 1.0
 label_smoothing = 0.0     # share of each level's target mass spread evenly over its codes (paper: none)
 ema = 0.999               # > 0: validate, keep and test an exponential moving average of the weights with
