@@ -33,7 +33,7 @@ import eval as evaluation  # eval.py: metrics and the evaluation loop ("eval" wo
 
 # ----------------------------------------------------------------------------------------------
 # 1. Config. Paper values (Sec. 4, "Sequence to Sequence Model Training") in the comments; the defaults
-# are the CPU setting measured in the README (~19 min on 2 cores); config/tiger_paper.py is the paper's.
+# are the CPU setting measured in the README (15-20 min on 2 cores); config/tiger_paper.py is the paper's.
 dataset = "beauty"        # beauty | sports | toys
 ids = "rqvae"             # which Semantic IDs (prepare.py --ids): rqvae | lsh | random | rqkmeans
 out_dir = "out"           # prepare.py wrote out/<dataset>/<ids>/codes.npy; we write out/<dataset>/<ids>/<run>/
