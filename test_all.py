@@ -501,6 +501,20 @@ def test_item_dropout_hides_whole_history_items_in_training_only(tiny, monkeypat
     assert not torch.allclose(model.train()(enc, dec)[0], model.eval()(enc, dec)[0], atol=1e-3)
 
 
+def test_user_dropout_hides_the_user_token_but_never_the_whole_input(tiny, monkeypatch):
+    monkeypatch.setattr(tiger, "item_dropout", 0.0)
+    monkeypatch.setattr(tiger, "user_dropout", 0.5)
+    L = 4
+    enc = torch.cat([torch.full((400, 1), 59), torch.randint(2, 59, (400, 2 * L))], 1)  # [user, 2 items]
+    enc[:200, 1:] = data.PAD                                     # half the rows have no history at all
+    dropped = tiger.drop_history_items(enc, L)
+    assert torch.equal(dropped[:, 1:], enc[:, 1:])              # items untouched at item_dropout = 0
+    assert torch.equal(dropped[:200], enc[:200])                # a row with no history keeps its user
+    assert 0.4 < (dropped[200:, 0] == data.PAD).float().mean() < 0.6
+    monkeypatch.setattr(tiger, "item_dropout", 0.7)             # both at once: every row keeps a key
+    assert ((tiger.drop_history_items(enc, L) != data.PAD).any(1)).all()
+
+
 def test_incremental_decoding_with_cache_equals_full_forward(tiny):
     model = tiger.TIGER(60, LEVELS_60).eval()
     enc = torch.randint(2, 60, (2, 7))

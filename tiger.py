@@ -50,6 +50,8 @@ inner_dropout = True      # dropout also on attention probabilities and MLP hidd
                           # keeps the cheap part (these two are 3/4 of the elements dropout draws for)
 item_dropout = 0.15       # training only: hide each history item (all its L tokens) with this probability, a
                           # cheap input-level regulariser (one random number per item); paper: none (README)
+user_dropout = 0.0        # training only: hide the user token with this probability (paper: none). The hashed
+                          # user token is mostly a memorisation channel: it lowers training loss, barely validation
 tie_embeddings = False    # output layer = input embedding table (T5 v1.0 does this; T5 v1.1, T5X's default, not)
 head = "level"            # level: the decoder's position l scores only level l's codes (a softmax over ~256)
                           # full: T5's softmax over the whole vocabulary (T5X, so the paper); see README
@@ -197,12 +199,18 @@ class Block(nn.Module):
 
 def drop_history_items(enc, id_length):
     """enc: (B, 1 + n*L) encoder tokens [user, item_1 codes, ..., item_n codes]. Each history item is
-    replaced by PAD tokens with probability item_dropout; attention already skips PAD keys, so the item
-    simply vanishes from that example. The user token is never dropped."""
+    replaced by PAD tokens with probability item_dropout, and the user token with probability
+    user_dropout; attention already skips PAD keys, so the token simply vanishes from that example."""
     B, T = enc.shape
     hidden = torch.rand(B, (T - 1) // id_length, device=enc.device) < item_dropout  # (B, n) one draw per item
-    hidden = F.pad(hidden.repeat_interleave(id_length, dim=1), (1, 0))              # (B, T), user kept
-    return enc.masked_fill(hidden, data.PAD)
+    hidden = hidden.repeat_interleave(id_length, dim=1)                             # (B, T - 1)
+    user_hidden = torch.zeros(B, 1, dtype=torch.bool, device=enc.device)          # (B, 1)
+    if user_dropout > 0:  # (no draw when off, so runs without it keep their random stream)
+        # the user token goes only where a real history token stays: an encoder with no key at all
+        # has nothing to attend to (a softmax over an empty set is NaN)
+        keeps_history = ((enc[:, 1:] != data.PAD) & ~hidden).any(1, keepdim=True)  # (B, 1)
+        user_hidden = (torch.rand(B, 1, device=enc.device) < user_dropout) & keeps_history
+    return enc.masked_fill(torch.cat([user_hidden, hidden], 1), data.PAD)
 
 
 class TIGER(nn.Module):
@@ -266,7 +274,7 @@ class TIGER(nn.Module):
     def forward(self, enc, dec_in, target=None):
         """Teacher forcing. enc (B, T), dec_in (B, L) = [BOS, c_0 .. c_{L-2}], target (B, L) the tokens
         of the next item. Returns the decoder states (B, L, d) and the mean cross-entropy per code."""
-        if self.training and item_dropout > 0:
+        if self.training and (item_dropout > 0 or user_dropout > 0):
             enc = drop_history_items(enc, len(self.levels))
         h = self.decode(dec_in, *self.encode(enc))
         if target is None:
@@ -436,7 +444,7 @@ def check_config(config):
                          ("precision", ("auto", "bf16", "fp32"))):
         if config[key] not in allowed:
             problems.append(f"{key} must be one of {', '.join(allowed)} (got {config[key]!r})")
-    for key in ("dropout", "item_dropout", "label_smoothing", "ema"):
+    for key in ("dropout", "item_dropout", "user_dropout", "label_smoothing", "ema"):
         if not 0 <= config[key] < 1:
             problems.append(f"{key} must be in [0, 1) (got {config[key]})")
     if config["lr"] <= 0:
