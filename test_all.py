@@ -485,6 +485,7 @@ def test_inner_dropout_switches_attention_and_mlp_dropout(tiny, monkeypatch, inn
 
 def test_item_dropout_hides_whole_history_items_in_training_only(tiny, monkeypatch):
     monkeypatch.setattr(tiger, "item_dropout", 0.5)
+    monkeypatch.setattr(tiger, "user_dropout", 0.0)
     L, n = 4, 100
     enc = torch.cat([torch.full((8, 1), 59), torch.randint(2, 59, (8, n * L))], 1)  # [user, 100 items]
     dropped = tiger.drop_history_items(enc, L)

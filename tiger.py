@@ -50,8 +50,9 @@ inner_dropout = True      # dropout also on attention probabilities and MLP hidd
                           # keeps the cheap part (these two are 3/4 of the elements dropout draws for)
 item_dropout = 0.15       # training only: hide each history item (all its L tokens) with this probability, a
                           # cheap input-level regulariser (one random number per item); paper: none (README)
-user_dropout = 0.0        # training only: hide the user token with this probability (paper: none). The hashed
-                          # user token is mostly a memorisation channel: it lowers training loss, barely validation
+user_dropout = 0.5        # training only: hide the user token with this probability (paper: none). 2,000 hashed
+                          # buckets let the small model memorise users' training sequences; half the time it
+                          # must predict from the history alone (validation Recall@10 0.0704 vs 0.0638, README)
 tie_embeddings = False    # output layer = input embedding table (T5 v1.0 does this; T5 v1.1, T5X's default, not)
 head = "level"            # level: the decoder's position l scores only level l's codes (a softmax over ~256)
                           # full: T5's softmax over the whole vocabulary (T5X, so the paper); see README

@@ -11,6 +11,7 @@ dropout = 0.1
 inner_dropout = True   # T5 drops attention probabilities and MLP hidden units too
 ema = 0.0              # the paper averages no weights
 item_dropout = 0.0     # nor hides history items
+user_dropout = 0.0     # or the user token
 head = "full"          # T5X's softmax over the whole vocabulary (the paper does not say otherwise)
 batch_size = 256
 optimizer = "adafactor"
