@@ -698,6 +698,13 @@ def test_interrupted_run_resumes_to_the_same_result(beauty_slice, monkeypatch):
     # a resumed run with other settings is refused
     with pytest.raises(data.InputError, match="different config"):
         tiger.main(args + ["--run=cut", "--resume"] + small + ["--lr=0.1"])  # a later flag wins
+    # ... and so is a checkpoint from before an option existed, with a message that says so
+    ckpt = torch.load(os.path.join(out, "beauty1k", "rqvae", "cut", "ckpt.pt"), weights_only=True)
+    del ckpt["config"]["user_dropout"]
+    os.makedirs(os.path.join(out, "beauty1k", "rqvae", "old"))
+    tiger.save_atomic(ckpt, os.path.join(out, "beauty1k", "rqvae", "old", "ckpt.pt"))
+    with pytest.raises(data.InputError, match="older tiger.py, before the option.s. user_dropout existed"):
+        tiger.main(args + ["--run=old", "--resume"] + small)
 
 
 def test_corrupted_checkpoint_gives_a_clear_error(beauty_slice):

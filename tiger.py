@@ -504,6 +504,11 @@ def main(argv):
     ckpt_path, best_path = os.path.join(run_dir, "ckpt.pt"), os.path.join(run_dir, "best.pt")
     ckpt = load_checkpoint(ckpt_path) if config["resume"] else None
     if ckpt is not None:  # a resumed run must be the same run: only the bookkeeping keys may differ
+        missing = [k for k in config if k not in ckpt["config"]]
+        if missing:
+            raise data.InputError(f"--resume: {ckpt_path} was written by an older tiger.py, before the option(s) "
+                                  f"{', '.join(missing)} existed, so it cannot be resumed; start afresh without "
+                                  f"--resume (eval.py --ckpt= still evaluates its best.pt)")
         changed = [k for k in config if k not in ("resume", "device", "eval_batch_size")
                    and ckpt["config"].get(k) != config[k]]
         if changed:
