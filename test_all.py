@@ -488,7 +488,7 @@ def test_item_dropout_hides_whole_history_items_in_training_only(tiny, monkeypat
     monkeypatch.setattr(tiger, "user_dropout", 0.0)
     L, n = 4, 100
     enc = torch.cat([torch.full((8, 1), 59), torch.randint(2, 59, (8, n * L))], 1)  # [user, 100 items]
-    dropped = tiger.drop_history_items(enc, L)
+    dropped = tiger.drop_input_tokens(enc, L)
     assert torch.equal(dropped[:, 0], enc[:, 0])                 # the user token is never dropped
     items, kept = enc[:, 1:].view(8, n, L), dropped[:, 1:].view(8, n, L)
     gone = (kept == data.PAD).all(-1)                            # (8, n) items that vanished
@@ -508,12 +508,12 @@ def test_user_dropout_hides_the_user_token_but_never_the_whole_input(tiny, monke
     L = 4
     enc = torch.cat([torch.full((400, 1), 59), torch.randint(2, 59, (400, 2 * L))], 1)  # [user, 2 items]
     enc[:200, 1:] = data.PAD                                     # half the rows have no history at all
-    dropped = tiger.drop_history_items(enc, L)
+    dropped = tiger.drop_input_tokens(enc, L)
     assert torch.equal(dropped[:, 1:], enc[:, 1:])              # items untouched at item_dropout = 0
     assert torch.equal(dropped[:200], enc[:200])                # a row with no history keeps its user
     assert 0.4 < (dropped[200:, 0] == data.PAD).float().mean() < 0.6
     monkeypatch.setattr(tiger, "item_dropout", 0.7)             # both at once: every row keeps a key
-    assert ((tiger.drop_history_items(enc, L) != data.PAD).any(1)).all()
+    assert ((tiger.drop_input_tokens(enc, L) != data.PAD).any(1)).all()
 
 
 def test_incremental_decoding_with_cache_equals_full_forward(tiny):

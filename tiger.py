@@ -198,14 +198,14 @@ class Block(nn.Module):
         return x + self.drop(self.mlp(self.norm_mlp(x)))
 
 
-def drop_history_items(enc, id_length):
+def drop_input_tokens(enc, id_length):
     """enc: (B, 1 + n*L) encoder tokens [user, item_1 codes, ..., item_n codes]. Each history item is
     replaced by PAD tokens with probability item_dropout, and the user token with probability
     user_dropout; attention already skips PAD keys, so the token simply vanishes from that example."""
     B, T = enc.shape
     hidden = torch.rand(B, (T - 1) // id_length, device=enc.device) < item_dropout  # (B, n) one draw per item
     hidden = hidden.repeat_interleave(id_length, dim=1)                             # (B, T - 1)
-    user_hidden = torch.zeros(B, 1, dtype=torch.bool, device=enc.device)          # (B, 1)
+    user_hidden = torch.zeros(B, 1, dtype=torch.bool, device=enc.device)            # (B, 1)
     if user_dropout > 0:  # (no draw when off, so runs without it keep their random stream)
         # the user token goes only where a real history token stays: an encoder with no key at all
         # has nothing to attend to (a softmax over an empty set is NaN)
@@ -276,7 +276,7 @@ class TIGER(nn.Module):
         """Teacher forcing. enc (B, T), dec_in (B, L) = [BOS, c_0 .. c_{L-2}], target (B, L) the tokens
         of the next item. Returns the decoder states (B, L, d) and the mean cross-entropy per code."""
         if self.training and (item_dropout > 0 or user_dropout > 0):
-            enc = drop_history_items(enc, len(self.levels))
+            enc = drop_input_tokens(enc, len(self.levels))
         h = self.decode(dec_in, *self.encode(enc))
         if target is None:
             return h, None
