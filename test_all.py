@@ -489,7 +489,7 @@ def test_item_dropout_hides_whole_history_items_in_training_only(tiny, monkeypat
     L, n = 4, 100
     enc = torch.cat([torch.full((8, 1), 59), torch.randint(2, 59, (8, n * L))], 1)  # [user, 100 items]
     dropped = tiger.drop_input_tokens(enc, L)
-    assert torch.equal(dropped[:, 0], enc[:, 0])                 # the user token is never dropped
+    assert torch.equal(dropped[:, 0], enc[:, 0])                 # the user token stays at user_dropout = 0
     items, kept = enc[:, 1:].view(8, n, L), dropped[:, 1:].view(8, n, L)
     gone = (kept == data.PAD).all(-1)                            # (8, n) items that vanished
     assert torch.equal(kept[~gone], items[~gone])                # the rest are untouched ...
@@ -514,6 +514,19 @@ def test_user_dropout_hides_the_user_token_but_never_the_whole_input(tiny, monke
     assert 0.4 < (dropped[200:, 0] == data.PAD).float().mean() < 0.6
     monkeypatch.setattr(tiger, "item_dropout", 0.7)             # both at once: every row keeps a key
     assert ((tiger.drop_input_tokens(enc, L) != data.PAD).any(1)).all()
+    model = tiger.TIGER(60, LEVELS_60).eval()                    # evaluation reads the user token
+    dec = torch.randint(2, 59, (8, 4))
+    assert torch.equal(model(enc[200:208], dec)[0], model(enc[200:208], dec)[0])
+    # user_dropout = 0 draws no random number, so runs from before the option reproduce exactly
+    monkeypatch.setattr(tiger, "user_dropout", 0.0)
+    torch.manual_seed(3)
+    tiger.drop_input_tokens(enc, L)
+    after = torch.rand(1)
+    torch.manual_seed(3)
+    torch.rand(400, 2)                                           # the item draws alone
+    assert torch.equal(after, torch.rand(1))
+    with pytest.raises(data.InputError, match="user_dropout must be in"):
+        tiger.main(["--user_dropout=1"])
 
 
 def test_incremental_decoding_with_cache_equals_full_forward(tiny):

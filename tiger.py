@@ -33,7 +33,7 @@ import eval as evaluation  # eval.py: metrics and the evaluation loop ("eval" wo
 
 # ----------------------------------------------------------------------------------------------
 # 1. Config. Paper values (Sec. 4, "Sequence to Sequence Model Training") in the comments; the defaults
-# are the CPU setting measured in the README (15-20 min on 2 cores); config/tiger_paper.py is the paper's.
+# are the CPU setting measured in the README (about 14-16 min on 2 cores); config/tiger_paper.py is the paper's.
 dataset = "beauty"        # beauty | sports | toys
 ids = "rqvae"             # which Semantic IDs (prepare.py --ids): rqvae | lsh | random | rqkmeans
 out_dir = "out"           # prepare.py wrote out/<dataset>/<ids>/codes.npy; we write out/<dataset>/<ids>/<run>/
@@ -51,8 +51,8 @@ inner_dropout = True      # dropout also on attention probabilities and MLP hidd
 item_dropout = 0.15       # training only: hide each history item (all its L tokens) with this probability, a
                           # cheap input-level regulariser (one random number per item); paper: none (README)
 user_dropout = 0.5        # training only: hide the user token with this probability (paper: none). 2,000 hashed
-                          # buckets let the small model memorise users' training sequences; half the time it
-                          # must predict from the history alone (validation Recall@10 0.0704 vs 0.0638, README)
+                          # buckets seem to let the small model memorise users' training sequences; half the
+                          # time it must predict from the history alone (validation R@10 0.0704 vs 0.0638, README)
 tie_embeddings = False    # output layer = input embedding table (T5 v1.0 does this; T5 v1.1, T5X's default, not)
 head = "level"            # level: the decoder's position l scores only level l's codes (a softmax over ~256)
                           # full: T5's softmax over the whole vocabulary (T5X, so the paper); see README
@@ -201,7 +201,8 @@ class Block(nn.Module):
 def drop_input_tokens(enc, id_length):
     """enc: (B, 1 + n*L) encoder tokens [user, item_1 codes, ..., item_n codes]. Each history item is
     replaced by PAD tokens with probability item_dropout, and the user token with probability
-    user_dropout; attention already skips PAD keys, so the token simply vanishes from that example."""
+    user_dropout (but never where no history token is left); attention already skips PAD keys, so the
+    token simply vanishes from that example. Training only: evaluation always reads everything."""
     B, T = enc.shape
     hidden = torch.rand(B, (T - 1) // id_length, device=enc.device) < item_dropout  # (B, n) one draw per item
     hidden = hidden.repeat_interleave(id_length, dim=1)                             # (B, T - 1)
@@ -504,12 +505,13 @@ def main(argv):
     ckpt_path, best_path = os.path.join(run_dir, "ckpt.pt"), os.path.join(run_dir, "best.pt")
     ckpt = load_checkpoint(ckpt_path) if config["resume"] else None
     if ckpt is not None:  # a resumed run must be the same run: only the bookkeeping keys may differ
-        missing = [k for k in config if k not in ckpt["config"]]
+        bookkeeping = ("resume", "device", "eval_batch_size")
+        missing = [k for k in config if k not in ckpt["config"] and k not in bookkeeping]
         if missing:
             raise data.InputError(f"--resume: {ckpt_path} was written by an older tiger.py, before the option(s) "
                                   f"{', '.join(missing)} existed, so it cannot be resumed; start afresh without "
-                                  f"--resume (eval.py --ckpt= still evaluates its best.pt)")
-        changed = [k for k in config if k not in ("resume", "device", "eval_batch_size")
+                                  f"--resume (eval.py --ckpt= can still score its best.pt when those options act only in training)")
+        changed = [k for k in config if k not in bookkeeping
                    and ckpt["config"].get(k) != config[k]]
         if changed:
             raise data.InputError(f"--resume: {ckpt_path} was trained with a different config ({', '.join(changed)}); "
