@@ -205,14 +205,13 @@ def drop_input_tokens(enc, id_length):
     token simply vanishes from that example. Training only: evaluation always reads everything."""
     B, T = enc.shape
     hidden = torch.rand(B, (T - 1) // id_length, device=enc.device) < item_dropout  # (B, n) one draw per item
-    hidden = hidden.repeat_interleave(id_length, dim=1)                             # (B, T - 1)
-    user_hidden = torch.zeros(B, 1, dtype=torch.bool, device=enc.device)            # (B, 1)
+    hidden = F.pad(hidden.repeat_interleave(id_length, dim=1), (1, 0))              # (B, T), user kept
     if user_dropout > 0:  # (no draw when off, so runs without it keep their random stream)
         # the user token goes only where a real history token stays: an encoder with no key at all
         # has nothing to attend to (a softmax over an empty set is NaN)
-        keeps_history = ((enc[:, 1:] != data.PAD) & ~hidden).any(1, keepdim=True)  # (B, 1)
-        user_hidden = (torch.rand(B, 1, device=enc.device) < user_dropout) & keeps_history
-    return enc.masked_fill(torch.cat([user_hidden, hidden], 1), data.PAD)
+        keeps_history = ((enc != data.PAD) & ~hidden)[:, 1:].any(1)                 # (B,)
+        hidden[:, 0] = (torch.rand(B, device=enc.device) < user_dropout) & keeps_history
+    return enc.masked_fill(hidden, data.PAD)
 
 
 class TIGER(nn.Module):
@@ -508,9 +507,10 @@ def main(argv):
         bookkeeping = ("resume", "device", "eval_batch_size")
         missing = [k for k in config if k not in ckpt["config"] and k not in bookkeeping]
         if missing:
-            raise data.InputError(f"--resume: {ckpt_path} was written by an older tiger.py, before the option(s) "
-                                  f"{', '.join(missing)} existed, so it cannot be resumed; start afresh without "
-                                  f"--resume (eval.py --ckpt= can still score its best.pt when those options act only in training)")
+            raise data.InputError(f"--resume: {ckpt_path} was written by an older tiger.py, before the "
+                                  f"option(s) {', '.join(missing)} existed, so it cannot be resumed; start "
+                                  f"afresh without --resume (eval.py --ckpt= can still score its best.pt "
+                                  f"when those options act only in training)")
         changed = [k for k in config if k not in bookkeeping
                    and ckpt["config"].get(k) != config[k]]
         if changed:
