@@ -8,23 +8,38 @@ From the shipped files in data/<name>/ to tensors a sequence-to-sequence model c
   3. the user token: the raw user id hashed into 2,000 buckets (Sec. 4)
   4. the token layout: Semantic-ID codes, user tokens and special tokens in one vocabulary
   5. batching: pad each batch to its own longest history, seeded shuffle
-  6. a small command-line helper that every script uses for its config globals
+  6. artefacts on disk, shared by every stage: atomic writes, a lock per output folder, and the
+     reader of the Semantic-ID table that prepare.py writes (checked as strictly as it was written)
+  7. config from the command line: every script's settings are plain globals, overridden by a
+     config file and --name=value flags
 
 `python data.py` prints the statistics of the three datasets (they equal the paper's Table 6).
 No model code lives here.
 """
 import ast
+import contextlib
 import hashlib
 import json
+import math
 import os
+import platform
+import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
+
+try:
+    import fcntl          # Unix: folder_lock's advisory lock
+except ImportError:       # Windows
+    fcntl = None
+    import msvcrt
 
 import numpy as np
 import torch
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 DATASETS = ("beauty", "sports", "toys")
+ID_SCHEMES = ("rqvae", "rqkmeans", "lsh", "random")  # Semantic IDs (Sec. 3.1) and the Table 2 baselines
 MAX_HISTORY = 20        # the paper keeps the last 20 items of a user (Sec. 4, "Sequence to Sequence Model Training")
 N_USER_BUCKETS = 2000   # "we use the Hashing Trick to map the raw user ID to one of the 2K user ID tokens" (Sec. 4)
 
@@ -52,6 +67,13 @@ class Dataset:
         return len(self.items)
 
 
+def dataset_name(name_or_dir):
+    """The name a dataset's outputs are filed under (out/<name>/...): 'beauty' for both 'beauty' and
+    'data/beauty/'. Folders with the same last component share a name; the ID reader tells them
+    apart by their embeddings (load_codes)."""
+    return os.path.basename(os.path.normpath(name_or_dir))
+
+
 def load_dataset(name_or_dir):
     """Load one dataset: a name from DATASETS (read from data/<name>/) or a folder path."""
     folder = name_or_dir if os.path.isdir(name_or_dir) else os.path.join(DATA_DIR, name_or_dir)
@@ -66,7 +88,7 @@ def load_dataset(name_or_dir):
     items = _load_items(paths["items.jsonl"])
     item_emb = _load_embeddings(paths["item_emb.npy"], len(items))
     users, sequences = _load_sequences(paths["sequences.txt"], len(items))
-    return Dataset(os.path.basename(os.path.normpath(folder)), users, sequences, items, item_emb)
+    return Dataset(dataset_name(folder), users, sequences, items, item_emb)
 
 
 def _load_items(path):
@@ -166,12 +188,17 @@ def _make_examples(rows):
     return Examples(user, history, length, target, position)
 
 
+def training_part(seq):
+    """What training may see of a user's sequence: all but the validation and the test item."""
+    return seq[:-2]
+
+
 def split(dataset):
     """Returns (train, valid, test) Examples."""
     train, valid, test = [], [], []
     for u, seq in enumerate(dataset.sequences):
         n = len(seq)
-        train += [(u, seq, t) for t in range(1, n - 2)]  # targets 1..n-3: the training part is seq[:n-2]
+        train += [(u, seq, t) for t in range(1, len(training_part(seq)))]  # targets 1..n-3
         valid.append((u, seq, n - 2))
         test.append((u, seq, n - 1))
     return _make_examples(train), _make_examples(valid), _make_examples(test)
@@ -232,7 +259,7 @@ class Tokenizer:
 
 # ----------------------------------------------------------------------------------------------
 # 5. Batching. Histories are padded only to the longest one in the batch (most are short: the
-# median user has 6 items), which makes the encoder several times cheaper than a fixed length of 81.
+# median user has 6 items), so the encoder reads far fewer tokens than at a fixed length of 81.
 
 def make_batch(examples, idx, tokenizer, user_tok):
     """Tensors for the examples at positions idx. user_tok: (n_users,) token of each user (precomputed).
@@ -256,8 +283,8 @@ def epoch_batches(examples, batch_size, seed, by_length=False, pool=64):
 
     by_length (a speed option, not in the paper): shuffle, then within each pool of `pool` batches
     sort by history length before cutting, and shuffle the batches. Each batch then holds histories of
-    similar length, so padding to the batch's longest history wastes little: on Beauty the encoder
-    reads about 4x fewer tokens. Batches stay random in content and order."""
+    similar length, so padding to the batch's longest history wastes little (test_all.py pins how
+    little). Batches stay random in content and order."""
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(examples))
     if by_length:
@@ -271,24 +298,217 @@ def epoch_batches(examples, batch_size, seed, by_length=False, pool=64):
 
 
 # ----------------------------------------------------------------------------------------------
-# 6. Config from the command line, the nanoGPT way without exec: every script keeps its settings as
+# 6. Artefacts on disk. Every stage writes through these, so every stage gets the same guarantees:
+# a file appears under its real name only when complete (a temporary file in the same folder, then
+# an atomic rename), a failed write is one clear error and leaves nothing behind, and one process at
+# a time writes into an output folder (an operating-system lock on folder/.lock).
+
+TMP_PREFIX = ".tmp-"   # temporary files of write_atomic; a killed writer's leftovers are cleaned up
+
+
+def md5(array):
+    """Fingerprint of an array's bytes: ties artefacts to the exact data they were made from."""
+    return hashlib.md5(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+
+def make_dirs(folder):
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"cannot create the folder {folder}: {e.strerror or e}") from None
+
+
+def write_atomic(path, write):
+    """write(f) fills an open binary file; it appears under path only once complete."""
+    try:
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=TMP_PREFIX + os.path.basename(path))
+    except OSError as e:
+        raise InputError(f"cannot write {path}: {e.strerror or e}") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename, so even a power cut leaves old or new
+        os.chmod(tmp, 0o644)      # mkstemp makes files private; these are ordinary outputs
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(e, OSError):  # a full disk, a read-only folder: say so in one line
+            raise InputError(f"cannot write {path}: {e.strerror or e}") from None
+        raise
+
+
+def write_json(path, obj):
+    write_atomic(path, lambda f: f.write((json.dumps(obj, indent=1) + "\n").encode()))
+
+
+@contextlib.contextmanager
+def folder_lock(folder):
+    """Hold an exclusive lock on folder/.lock while writing into folder: a second process that
+    wants the same folder gets a clear error instead of mixing its files with ours. The operating
+    system releases the lock when its process ends, however it ends, so a killed run never leaves
+    a folder locked; the temporary files such a run left behind are removed here."""
+    make_dirs(folder)
+    path = os.path.join(folder, ".lock")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise InputError(f"cannot write {path}: {e.strerror or e}") from None
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        else:  # Windows
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+    except OSError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise InputError(f"{folder} is in use by another running process (pid {holder}); wait for it to "
+                         f"finish, or write elsewhere (another --run or --out_dir)") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())  # for the message above; the lock itself is the flock
+    for name in os.listdir(folder):          # leftovers of a writer that was killed mid-write
+        if name.startswith(TMP_PREFIX):
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(folder, name))
+    try:
+        yield
+    finally:
+        os.close(fd)  # releases the lock; the file stays (removing it would race with a waiting opener)
+
+
+def provenance(script, argv, device="cpu"):
+    """Where a result comes from, saved beside it: the command, the code's git commit ("+changes"
+    when the working tree differs from it), the machine and the thread count."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        git = lambda *a: subprocess.run(["git", *a], cwd=here, capture_output=True, text=True, timeout=10).stdout
+        commit = git("rev-parse", "--short", "HEAD").strip() or "unknown"
+        if git("status", "--porcelain", "--untracked-files=no").strip():
+            commit += "+changes"
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    machine = platform.machine()
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo", encoding="utf-8") as f:  # Linux: the CPU's name
+            machine = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), machine)
+    if device == "cuda":
+        machine = torch.cuda.get_device_name(0)
+    return {"command": " ".join(["python", script, *argv]), "commit": commit, "device": device,
+            "machine": machine, "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__}
+
+
+def load_codes(ds, ids="rqvae", out_dir="out", dataset=None):
+    """The (n_items, L) int64 Semantic-ID table that prepare.py wrote for dataset ds and scheme ids,
+    checked as strictly as prepare.py checks it before reusing it: finished build, right scheme and
+    dataset, built from these very embeddings, the table prepare.py wrote (checksum), one distinct
+    in-range ID per item. dataset: the name or folder the user gave, for the suggested fix command."""
+    folder = os.path.join(out_dir, ds.name, ids)
+    fix = (f"python prepare.py --dataset={dataset or ds.name} --ids={ids}"
+           + (f" --out_dir={out_dir}" if os.path.normpath(out_dir) != "out" else ""))
+    paths = {f: os.path.join(folder, f) for f in ("codes.npy", "config.json", "stats.json")}
+    for p in paths.values():
+        if not os.path.isfile(p):
+            raise InputError(f"{p} is missing (the Semantic IDs are not built, or the build did not "
+                             f"finish); run `{fix}`")
+    try:
+        cfg = {}
+        for f in ("config.json", "stats.json"):
+            with open(paths[f], encoding="utf-8") as fh:
+                cfg[f] = json.load(fh)
+        built, stats = cfg["config.json"], cfg["stats.json"]
+        sizes = [int(n) for n in built["level_sizes"]]
+        want_md5, emb_md5 = stats["codes_md5"], built["item_emb_md5"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise InputError(f"{folder}: config.json or stats.json is unreadable or from an older prepare.py "
+                         f"({type(e).__name__}: {e}); run `{fix} --force`") from None
+    try:
+        codes = np.load(paths["codes.npy"], allow_pickle=False)  # never unpickle
+    except Exception as e:
+        raise InputError(f"{paths['codes.npy']} cannot be read ({e}); run `{fix} --force`") from None
+    problem = None
+    if (built.get("ids"), built.get("dataset")) != (ids, ds.name):
+        problem = f"the folder holds {built.get('ids')} IDs of {built.get('dataset')} (config.json)"
+    elif emb_md5 != md5(ds.item_emb):
+        problem = (f"these IDs were built from other item embeddings than {ds.name}'s (its item_emb.npy "
+                   f"changed, or another dataset folder named '{ds.name}' wrote them)")
+    elif codes.dtype != np.int64 or codes.ndim != 2:
+        problem = f"expected a 2-d int64 array, got {codes.ndim}-d {codes.dtype}"
+    elif codes.shape != (ds.n_items, len(sizes)):
+        problem = f"shape {codes.shape}, expected ({ds.n_items}, {len(sizes)}) for {ds.n_items} items"
+    elif md5(codes) != want_md5:
+        problem = "it is not the table this build wrote (its checksum differs from stats.json)"
+    elif (codes < 0).any() or (codes >= np.array(sizes)).any():
+        problem = f"codes out of range; level sizes are {sizes}"
+    elif len(np.unique(codes, axis=0)) != ds.n_items:
+        problem = f"{ds.n_items - len(np.unique(codes, axis=0))} duplicate IDs; every item needs its own"
+    if problem:
+        raise InputError(f"{paths['codes.npy']}: {problem}; run `{fix} --force`")
+    return codes
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. Config from the command line, the nanoGPT way without exec: every script keeps its settings as
 # plain globals; a config file (Python-looking lines `name = literal`, read with ast, never executed)
 # and then `--name=value` flags override them. Unknown names and values of the wrong type are errors.
+
+def settings(namespace):
+    """A script's settings: its lower-case globals that hold a number, a string or a bool. Call it
+    right after the config block: `DEFAULTS = data.settings(globals())`."""
+    return {k: v for k, v in namespace.items()
+            if not k.startswith("_") and k.islower() and isinstance(v, (int, float, str, bool))}
+
+
+def pick_device(device="auto"):
+    """The one device rule: auto = a CUDA GPU when there is one, else the CPU."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def check_settings(config, rules, what="config"):
+    """Check every setting against its rule, at the door: a bad value is one clear error, never a
+    silently wrong run or a traceback from deep inside. rules: name -> an interval written as text,
+    "[1, inf)" or "(0, 1]" (brackets include the end, parentheses exclude it), or a tuple of the
+    allowed strings."""
+    problems = []
+    for key, rule in rules.items():
+        value = config[key]
+        if isinstance(rule, tuple):
+            if value not in rule:
+                problems.append(f"{key} must be one of {', '.join(rule)} (got {value!r})")
+            continue
+        lo, hi = (float(x) for x in rule[1:-1].split(","))
+        if not ((lo <= value if rule[0] == "[" else lo < value) and (value <= hi if rule[-1] == "]" else value < hi)):
+            problems.append(f"{key} must be in {rule} (got {value})")
+    if problems:
+        raise InputError(f"bad {what}: " + "; ".join(problems))
+
 
 def configure(defaults, argv):
     config = dict(defaults)
 
-    def assign(key, value, where):
+    def assign(key, value, where, text=None):
         if key not in config:
             raise InputError(f"{where}: unknown setting '{key}'; known settings: {', '.join(sorted(config))}")
         old = config[key]
         if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        if old is not None and type(value) is not type(old):
+        if isinstance(old, str) and not isinstance(value, str) and text is not None:
+            value = text  # a string setting takes the text as written: --run=2024 is the name "2024"
+        if type(value) is not type(old):
             raise InputError(f"{where}: '{key}' must be a {type(old).__name__} (default {old!r}), got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InputError(f"{where}: '{key}' must be a finite number, got {value!r}")
         config[key] = value
 
     for arg in argv:
+        if arg in ("-h", "--help"):
+            print("settings (default values); override them with a config file and --name=value:")
+            for k, v in config.items():
+                print(f"  --{k}={v!r}")
+            sys.exit(0)
         if arg.startswith("--"):
             key, eq, text = arg[2:].partition("=")
             if not eq:
@@ -298,23 +518,31 @@ def configure(defaults, argv):
                     raise InputError(f"{arg}: write settings as --{key}=value")
             try:
                 value = ast.literal_eval(text)
-            except (ValueError, SyntaxError):
+            except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
                 value = text  # a bare word is a string: --dataset=toys
-            assign(key, value, arg)
-        else:
-            if not os.path.isfile(arg):
-                raise InputError(f"config file {arg} not found (settings are passed as --name=value)")
+            assign(key, value, arg, text)
+            continue
+        if not os.path.isfile(arg):
+            raise InputError(f"config file {arg} not found (settings are passed as --name=value)")
+        try:
             with open(arg, encoding="utf-8") as f:
                 tree = ast.parse(f.read(), arg)
-            for node in tree.body:
-                if not (isinstance(node, ast.Assign) and len(node.targets) == 1
-                        and isinstance(node.targets[0], ast.Name)):
-                    raise InputError(f"{arg}, line {node.lineno}: only `name = value` lines are allowed")
-                try:
-                    value = ast.literal_eval(node.value)
-                except ValueError:
-                    raise InputError(f"{arg}, line {node.lineno}: the value must be a literal (number, string, bool)")
-                assign(node.targets[0].id, value, f"{arg}, line {node.lineno}")
+        except UnicodeDecodeError as e:
+            raise InputError(f"config file {arg} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        except SyntaxError as e:
+            raise InputError(f"{arg}, line {e.lineno}: not a valid `name = value` line ({e.msg})") from None
+        except (OSError, ValueError) as e:
+            raise InputError(f"config file {arg} cannot be read ({e})") from None
+        for node in tree.body:
+            if not (isinstance(node, ast.Assign) and len(node.targets) == 1
+                    and isinstance(node.targets[0], ast.Name)):
+                raise InputError(f"{arg}, line {node.lineno}: only `name = value` lines are allowed")
+            try:
+                value = ast.literal_eval(node.value)
+            except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+                raise InputError(f"{arg}, line {node.lineno}: the value must be a literal "
+                                 f"(number, string, bool)") from None
+            assign(node.targets[0].id, value, f"{arg}, line {node.lineno}")
     return config
 
 

@@ -1,27 +1,28 @@
 """
 eval.py -- how TIGER is measured (paper Sec. 4, "Evaluation Metrics"), pure functions first.
 
-Leave-one-out: each user has exactly one held-out item; the model ranks the full catalogue (beam search
-over Semantic IDs returns a ranked list of items), and
+Leave-one-out: each user has exactly one held-out item; the model ranks the full catalogue (beam
+search over Semantic IDs returns a ranked list of items), and
   Recall@K = share of users whose held-out item is in the top K
-  NDCG@K   = mean over users of 1 / log2(rank + 1) if rank <= K else 0   (one relevant item, so IDCG = 1)
-Also: the invalid-ID rate of unconstrained decoding (the paper's Fig. 6) and a most-popular baseline.
+  NDCG@K   = mean over users of 1 / log2(rank + 1) if rank <= K else 0   (one relevant item: IDCG = 1)
+Also: the invalid-ID rate of unconstrained decoding (the paper's Fig. 6), a most-popular baseline,
+and the results table beside the paper's Table 1.
 
-Drivers after the functions:
+Drivers after the functions (they load a checkpoint written by tiger.py):
   python eval.py --ckpt=out/beauty/rqvae/tiger/best.pt [--split=test] [--constrained=False]
-  python eval.py --ckpt=... --demo=3      # show 3 users' histories and their top-10 with titles and IDs
-  python eval.py --ckpt=... --split=valid --beam_size=80   # the same checkpoint decoded with a wider beam
+  python eval.py --ckpt=... --demo=3      # 3 users' histories and their top-10 with titles and IDs
+  python eval.py --ckpt=... --split=valid --beam_size=80   # the same checkpoint, a wider beam
 """
-import contextlib
 import sys
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 import data
 
 KS = (5, 10, 20)
+PAPER = {"beauty": (0.0454, 0.0321, 0.0648, 0.0384), "sports": (0.0264, 0.0181, 0.0400, 0.0225),
+         "toys": (0.0521, 0.0371, 0.0712, 0.0432)}  # Table 1: Recall@5, NDCG@5, Recall@10, NDCG@10
 
 
 # ----------------------------------------------------------------------------------------------
@@ -53,57 +54,51 @@ def invalid_rate(items):
     return (torch.as_tensor(items) == 0).double().mean().item()
 
 
+def metrics(items, targets, invalid=False):
+    """items: (N, K) ranked item ids (0 = no item), targets: (N,). Recall and NDCG at every K of KS
+    the ranking is long enough for, and (invalid=True) the invalid-ID rate."""
+    out = recall_ndcg(ranks_of(items, targets), [k for k in KS if k <= items.shape[1]])
+    if invalid:
+        out["invalid_rate"] = invalid_rate(items)
+    return out
+
+
 def most_popular(dataset, examples, k=max(KS)):
     """The most-popular baseline: every user gets the k items with most training interactions
-    (each user's sequence without its last two items, so nothing of validation or test is counted)."""
+    (data.training_part of each sequence, so nothing of validation or test is counted)."""
     counts = np.zeros(dataset.n_items + 1, dtype=np.int64)
     for seq in dataset.sequences:
-        np.add.at(counts, seq[:-2], 1)
+        np.add.at(counts, data.training_part(seq), 1)
     top = np.argsort(-counts[1:], kind="stable")[:k] + 1
     return recall_ndcg(ranks_of(np.tile(top, (len(examples), 1)), examples.target))
 
 
-# ----------------------------------------------------------------------------------------------
-# The evaluation loop: beam search for every user of a split, then the metrics.
-
-@torch.no_grad()
-def evaluate(model, examples, tokenizer, user_tok, tables, beam_size, batch_size, device,
-             constrained=True, limit=0, progress=True, autocast=contextlib.nullcontext):
-    """Metrics of `model` on `examples` (validation or test). limit > 0 uses a fixed random subset of
-    `limit` examples for cheap model selection during training (random: the users early in the file
-    have longer histories than the average user). Returns a dict."""
-    model.eval()
-    subset = np.arange(len(examples))
-    if 0 < limit < len(examples):
-        subset = np.sort(np.random.default_rng(0).choice(len(examples), limit, replace=False))
-    order = subset[np.argsort(examples.length[subset], kind="stable")]  # similar lengths together: less padding
-    all_items, all_targets = [], []
-    bar = tqdm(range(0, len(order), batch_size), desc="eval", leave=False, disable=not progress)
-    for start in bar:
-        batch = data.make_batch(examples, order[start:start + batch_size], tokenizer, user_tok)
-        with autocast():  # bf16 where tiger.make_autocast chose it, else nothing
-            codes, scores = model.beam_search(batch["enc"].to(device), tables, beam_size, constrained)
-        items = tables.items_of(codes)                                   # (B, beam), 0 = no item
-        items = torch.where(torch.isfinite(scores), items, torch.zeros_like(items))
-        all_items.append(items.cpu())
-        all_targets.append(batch["target_item"])
-    items, targets = torch.cat(all_items), torch.cat(all_targets)
-    metrics = recall_ndcg(ranks_of(items, targets), [k for k in KS if k <= beam_size])
-    if not constrained:
-        metrics["invalid_rate"] = invalid_rate(items)
-    model.train()
-    return metrics
+def print_table(results, name):
+    """The run's metrics beside the most-popular baseline and the paper's Table 1. results: a dict
+    with 'test' (and optionally 'valid', 'test_most_popular') metric dicts."""
+    keys = ("recall@5", "ndcg@5", "recall@10", "ndcg@10")
+    rows = [("TIGER, validation", results.get("valid")), ("TIGER, test", results.get("test")),
+            ("most popular, test", results.get("test_most_popular"))]
+    print(f"\n{'':22s}" + "".join(f"{k:>11s}" for k in keys))
+    for label, row in rows:
+        if row is not None:
+            print(f"{label:22s}" + "".join(f"{row[k]:11.4f}" for k in keys))
+    if name in PAPER:
+        print(f"{'paper (Table 1), test':22s}" + "".join(f"{v:11.4f}" for v in PAPER[name]))
 
 
 # ----------------------------------------------------------------------------------------------
-# Drivers: evaluate a checkpoint, or show what it recommends.
+# Drivers: score a checkpoint, or show what it recommends. A checkpoint carries its model config
+# and the Semantic-ID table it was trained on, so it is scored with exactly those IDs, even if
+# prepare.py has rebuilt out/<dataset>/<ids>/ since.
 
 ckpt = "out/beauty/rqvae/tiger/best.pt"  # a checkpoint written by tiger.py
 split = "test"            # valid | test
 constrained = True        # False: unconstrained beam search, and report the invalid-ID rate (Fig. 6)
 demo = 0                  # > 0: print this many users' histories and top-10 instead of the metrics
-beam_size = 0             # > 0: decode with this many beams instead of the checkpoint's (to compare widths)
-CONFIG = {"ckpt": ckpt, "split": split, "constrained": constrained, "demo": demo, "beam_size": beam_size}
+beam_size = 0             # >= 10: decode with this many beams instead of the checkpoint's; 0: its own
+DEFAULTS = data.settings(globals())
+RANGES = {"split": ("valid", "test"), "demo": "[0, inf)", "beam_size": "[0, inf)"}
 
 
 def show(ds, tokenizer, user, history, top, target):
@@ -118,39 +113,51 @@ def show(ds, tokenizer, user, history, top, target):
 
 
 def main(argv):
-    import tiger  # imported here: tiger.py imports this file for its metrics
-    config = data.configure(CONFIG, argv)
-    if config["split"] not in ("valid", "test"):
-        raise data.InputError(f"--split must be valid or test (got {config['split']!r})")
-    if config["beam_size"] < 0:
-        raise data.InputError(f"--beam_size must be > 0, or 0 for the checkpoint's (got {config['beam_size']})")
+    # The drivers need tiger.py (the model and its decoding), and tiger.py needs this file's
+    # metrics: importing it here, not at the top, is what lets both files import each other.
+    import tiger
+    config = data.configure(DEFAULTS, argv)
+    data.check_settings(config, RANGES)
+    if 0 < config["beam_size"] < 10:
+        raise data.InputError(f"--beam_size must be >= 10 (the metrics go up to K = 10), or 0 for the "
+                              f"checkpoint's own (got {config['beam_size']})")
     saved = tiger.load_checkpoint(config["ckpt"])
-    # the device is this machine's choice, not the one the checkpoint was trained on
-    run_config = {**saved["config"], "device": "auto"}
-    if config["beam_size"] > 0:
-        run_config["beam_size"] = config["beam_size"]
-    ds, (_, valid, test), tokenizer, user_tok, tables, model, dev = tiger.build(run_config, saved)
+    dev = data.pick_device()  # this machine's choice, not the one the checkpoint was trained on
+    model, tokenizer, run = tiger.model_from_checkpoint(saved, dev)
+    ds = data.load_dataset(run["dataset"])
+    if tiger.ids_fingerprint(tokenizer.codes, ds) != saved["ids_fingerprint"]:
+        raise data.InputError(f"{config['ckpt']} was trained on another version of dataset "
+                              f"{run['dataset']} (its Semantic IDs do not fit it, or its items, "
+                              f"embeddings or sequences differ); it cannot be scored on this one")
+    _, valid, test = data.split(ds)
     examples = valid if config["split"] == "valid" else test
-    autocast = tiger.make_autocast(dev)  # the precision the model was trained with, where this machine has it
+    beam = config["beam_size"] or run["beam_size"]
+    tables = tiger.PrefixTables(tokenizer, dev)
+    user_tok = tokenizer.user_tokens(ds.users)
+    autocast = tiger.make_autocast(dev, run["precision"])
+    how = f"{'constrained' if config['constrained'] else 'unconstrained'} beam search, beam {beam}"
     if config["demo"] > 0:
-        model.eval()
+        if config["demo"] > len(examples):
+            raise data.InputError(f"--demo={config['demo']}, but the {config['split']} split has only "
+                                  f"{len(examples)} users")
         idx = np.random.default_rng(0).choice(len(examples), config["demo"], replace=False)
         batch = data.make_batch(examples, idx, tokenizer, user_tok)
+        model.eval()
         with autocast():
-            codes, _ = model.beam_search(batch["enc"].to(dev), tables, tiger.beam_size)
-        top = tables.items_of(codes).cpu()
+            codes, scores = tiger.beam_search(model, batch["enc"].to(dev), tables, beam, config["constrained"])
+        top = tiger.ranked_items(tables, codes, scores).cpu()
+        print(f"{config['ckpt']} (step {saved['step']}), {how} ({config['split']} users):\n")
         for j, i in enumerate(idx):
             show(ds, tokenizer, examples.user[i], examples.history[i, :examples.length[i]], top[j].tolist(),
                  examples.target[i])
         return None
-    metrics = evaluate(model, examples, tokenizer, user_tok, tables, tiger.beam_size, tiger.eval_batch_size,
-                       dev, constrained=config["constrained"], autocast=autocast)
-    print(f"{config['ckpt']} (step {saved['step']}) on {config['split']}, "
-          f"{'constrained' if config['constrained'] else 'unconstrained'} beam search, beam {tiger.beam_size}:")
-    for k, v in metrics.items():
+    result = tiger.evaluate(model, examples, tokenizer, user_tok, tables, beam, run["eval_batch_size"], dev,
+                            constrained=config["constrained"], autocast=autocast)
+    print(f"{config['ckpt']} (step {saved['step']}) on {config['split']}, {how}:")
+    for k, v in result.items():
         print(f"  {k:13s} {v:.4f}")
-    print(f"  most popular: " + ", ".join(f"{k} {v:.4f}" for k, v in most_popular(ds, examples).items()))
-    return metrics
+    print("  most popular: " + ", ".join(f"{k} {v:.4f}" for k, v in most_popular(ds, examples).items()))
+    return result
 
 
 if __name__ == "__main__":

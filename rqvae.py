@@ -3,7 +3,7 @@ rqvae.py -- the Semantic-ID chapter of nanoTIGER: item content embeddings in, un
 
 TIGER's first stage (paper Sec. 3.1, and Sec. 4 "RQ-VAE Implementation Details"):
 
-  1. k-means in plain torch (k-means++ start, Lloyd iterations, a rule for empty clusters)
+  1. k-means in plain torch (k-means++ start, Lloyd iterations with a rule for empty clusters)
   2. the residual quantizer: 3 levels x 256 codewords of dimension 32, one codebook per level
   3. the RQ-VAE: encoder 768 -> 512 -> 256 -> 128 -> 32, the quantizer, a mirrored decoder,
      its loss (reconstruction + codebook + beta * commitment) and training loop
@@ -16,6 +16,7 @@ Every scheme has the same interface: make_ids(emb, cfg) -> (codes, extra stats, 
 codes is an (n_items, L) int64 table whose rows are all different. `python rqvae.py` trains on
 one dataset and prints the statistics; `python prepare.py` is the script that writes the artefacts.
 """
+import math
 import sys
 import time
 from collections import Counter
@@ -28,33 +29,31 @@ from tqdm import tqdm
 import data
 
 # ----------------------------------------------------------------------------------------------
-# Config. prepare.py takes these same settings (it reads CONFIG_KEYS from here), so a flag like
+# Config. prepare.py takes these same settings (its DEFAULTS start from these), so a flag like
 # --n_epochs=500 means the same thing to both scripts.
 
 dataset = 'beauty'
 ids = 'rqvae'             # rqvae | rqkmeans | lsh | random
 seed = 1337
+device = 'auto'           # auto (cuda if available, else cpu) | cpu | cuda
 # the RQ-VAE (Sec. 4, "RQ-VAE Implementation Details"); paper values in the comments
 n_levels = 3              # paper: 3 levels of codes (+ 1 collision code)
 codebook_size = 256       # paper: 256 codewords per level
 latent_dim = 32           # paper: codewords of dimension 32
 beta = 0.25               # paper: beta = 0.25 (commitment weight)
-optimizer = 'adamw'       # paper: 'adagrad' with lr 0.4, which diverges here (see README)
+optimizer = 'adamw'       # paper: 'adagrad' with lr 0.4, which diverged in our CPU test
 lr = 1e-3                 # paper: 0.4 (with Adagrad)
 batch_size = 1024         # paper: batch size 1024
-n_epochs = 50             # paper: 20000, for high codebook usage; see README for this cheap default
+n_epochs = 50             # paper: 20000, for high codebook usage; dead-code resets make 50 enough
 kmeans_iters = 20         # Lloyd iterations of the k-means codebook initialisation (paper: not stated)
-reset_dead_codes = True   # beyond the paper: re-seed codewords unused in an epoch (see README)
+reset_dead_codes = True   # beyond the paper: re-seed codewords unused in an epoch
 # the baselines of Table 2
 lsh_codes = 4             # paper: m = 4 codes ...
 lsh_bits = 8              # ... each from h = 8 random hyperplanes, so 2^8 = 256 values per code
 random_codes = 4          # paper: Random IDs are m = 4 codes ...
 random_codebook_size = 255  # ... drawn uniformly from 255 values
 collision_size = 256      # the collision code has this many values; a larger group is an error
-
-CONFIG_KEYS = ['dataset', 'ids', 'seed', 'n_levels', 'codebook_size', 'latent_dim', 'beta', 'optimizer',
-               'lr', 'batch_size', 'n_epochs', 'kmeans_iters', 'reset_dead_codes', 'lsh_codes', 'lsh_bits',
-               'random_codes', 'random_codebook_size', 'collision_size']
+DEFAULTS = data.settings(globals())  # prepare.py takes these same settings
 # the settings each scheme depends on: prepare.py rebuilds a scheme's IDs when one of these changes
 SCHEME_KEYS = {
     'rqvae': ['n_levels', 'codebook_size', 'latent_dim', 'beta', 'optimizer', 'lr', 'batch_size', 'n_epochs',
@@ -63,7 +62,30 @@ SCHEME_KEYS = {
     'lsh': ['lsh_codes', 'lsh_bits', 'collision_size'],
     'random': ['random_codes', 'random_codebook_size', 'collision_size'],
 }
-device = 'cuda' if torch.cuda.is_available() else 'cpu'
+assert tuple(SCHEME_KEYS) == data.ID_SCHEMES
+RANGES = {  # what check_config accepts (data.check_settings)
+    **{k: '[1, inf)' for k in ('n_levels', 'latent_dim', 'batch_size', 'n_epochs', 'kmeans_iters', 'lsh_codes',
+                               'random_codes')},
+    # a level of size K makes the decoder's prefix tables (n_prefixes, K): keep K in the thousands
+    'codebook_size': '[2, 4096]', 'random_codebook_size': '[2, 4096]', 'lsh_bits': '[1, 12]',
+    'collision_size': '[1, inf)', 'seed': '[0, inf)',
+    'beta': '[0, inf)', 'lr': '(0, 10]', 'ids': data.ID_SCHEMES, 'optimizer': ('adamw', 'adagrad'),
+    'device': ('auto', 'cpu', 'cuda'),
+}
+
+
+def check_config(config, n_items):
+    """The settings' ranges, and whether the dataset is big enough for them."""
+    data.check_settings(config, RANGES)
+    if config['ids'] in ('rqvae', 'rqkmeans'):
+        # k-means needs at least one point per codeword: the RQ-VAE initialises its codebooks on
+        # one batch, RQ-KMeans clusters all items
+        points = min(n_items, config['batch_size']) if config['ids'] == 'rqvae' else n_items
+        if points < config['codebook_size']:
+            raise data.InputError(f"codebook_size {config['codebook_size']} is larger than the {points} "
+                                  f"{'items of the first batch' if config['ids'] == 'rqvae' else 'items'} the "
+                                  f"codebooks are initialised from; use --codebook_size={points} or fewer"
+                                  + (" (or a larger --batch_size)" if points < n_items else ""))
 
 # ----------------------------------------------------------------------------------------------
 # 1. k-means in plain torch. Used twice: to initialise the RQ-VAE codebooks on the first batch
@@ -77,9 +99,29 @@ def sq_dist(x, c):
     return d.clamp_min_(0)  # rounding can make a true 0 slightly negative
 
 
+def lloyd_step(x, centroids):
+    """One Lloyd iteration, in place: assign every point of x (N, D) to its nearest centroid (k, D),
+    move every centroid to the mean of its points. Each of the two steps can only lower the
+    objective. Returns the objective (sum of squared distances to the assigned centroid) before
+    the move."""
+    k = centroids.shape[0]
+    dist, assign = sq_dist(x, centroids).min(1)                         # (N,), (N,)
+    counts = torch.bincount(assign, minlength=k)                        # (k,)
+    sums = torch.zeros_like(centroids).index_add_(0, assign, x)         # (k, D)
+    filled = counts > 0
+    centroids[filled] = sums[filled] / counts[filled].unsqueeze(1).to(x.dtype)
+    # Empty clusters: move each to one of the points farthest from their centroid (a different
+    # point for each). That point's distance drops to 0 and no other point's distance grows,
+    # so the objective still cannot rise, and the cluster is no longer empty.
+    n_empty = int((~filled).sum())
+    if n_empty:
+        centroids[~filled] = x[dist.topk(n_empty).indices]
+    return dist.sum().item()
+
+
 def kmeans(x, k, n_iter=20, seed=0):
     """Cluster x (N, D) into k clusters. Returns centroids (k, D), assignment (N,), and the
-    objective (sum of squared distances to the assigned centroid) before each update (n_iter,)."""
+    objective before each Lloyd iteration (n_iter,)."""
     n = x.shape[0]
     if n < k:
         raise ValueError(f"k-means needs at least k={k} points, got {n}")
@@ -95,26 +137,8 @@ def kmeans(x, k, n_iter=20, seed=0):
         i = torch.multinomial(p / p.sum(), 1, generator=g).item() if p.sum() > 0 else j
         centroids[j] = x[i]
         nearest = torch.minimum(nearest, sq_dist(x, centroids[j:j + 1]).squeeze(1))
-    # Lloyd iterations: assign every point to its nearest centroid, move every centroid to the mean
-    # of its points. Each of the two steps can only lower the objective.
-    objective = []
-    for _ in range(n_iter):
-        d = sq_dist(x, centroids)                                       # (N, k)
-        dist, assign = d.min(1)                                         # (N,), (N,)
-        objective.append(dist.sum().item())
-        counts = torch.bincount(assign, minlength=k)                    # (k,)
-        sums = torch.zeros_like(centroids).index_add_(0, assign, x)     # (k, D)
-        filled = counts > 0
-        centroids[filled] = sums[filled] / counts[filled].unsqueeze(1).to(x.dtype)
-        # Empty clusters: move each to one of the points farthest from their centroid (a different
-        # point for each). That point's distance drops to 0 and no other point's distance grows,
-        # so the objective still cannot rise, and the cluster is no longer empty.
-        n_empty = int((~filled).sum())
-        if n_empty:
-            far = dist.topk(n_empty).indices
-            centroids[~filled] = x[far]
-    assign = sq_dist(x, centroids).argmin(1)
-    return centroids, assign, objective
+    objective = [lloyd_step(x, centroids) for _ in range(n_iter)]
+    return centroids, sq_dist(x, centroids).argmin(1), objective
 
 # ----------------------------------------------------------------------------------------------
 # 2. The residual quantizer (Sec. 3.1, Fig. 3). Level d picks the codeword e_{c_d} of its own
@@ -205,7 +229,7 @@ def train_rqvae(emb, n_levels=3, codebook_size=256, latent_dim=32, beta=0.25, op
         model.quantizer.init_kmeans(model.encoder(first), kmeans_iters, seed)
     # The paper's optimizer is Adagrad with lr 0.4. We start its accumulator at 0.1, the default of
     # TensorFlow and JAX (the paper's likely stack); torch's default 0 makes the first step move every
-    # weight by a full +-lr = 0.4. Even so it diverges on this data (README), so the default is AdamW.
+    # weight by a full +-lr = 0.4. Even so it diverged on this data in our test, so the default is AdamW.
     if optimizer == 'adagrad':
         opt = torch.optim.Adagrad(model.parameters(), lr=lr, initial_accumulator_value=0.1)
     elif optimizer == 'adamw':
@@ -230,9 +254,9 @@ def train_rqvae(emb, n_levels=3, codebook_size=256, latent_dim=32, beta=0.25, op
         # Beyond the paper (option reset_dead_codes): a codeword no item chose during the whole
         # epoch gets no gradient and would stay dead; move it onto the current residual of a random
         # item at its level, where it will be chosen. It matters most early: in the first epoch the
-        # encoder drifts away from its k-means-initialised codebooks and most codes die (usage
-        # falls from ~85% to a few %); without resets they come back only slowly. The paper instead
-        # trains 20k epochs. Not after the last epoch, so every final codeword has been trained.
+        # encoder drifts away from its k-means-initialised codebooks and most codes die; without
+        # resets they come back only slowly. The paper instead trains 20k epochs. Not after the
+        # last epoch, so every final codeword has been trained.
         if reset_dead_codes and epoch < n_epochs - 1:
             with torch.no_grad():
                 z = model.encoder(x[perm[:batch_size]])
@@ -244,6 +268,9 @@ def train_rqvae(emb, n_levels=3, codebook_size=256, latent_dim=32, beta=0.25, op
                         model.quantizer.codebooks[d, dead] = r[d, pick]
         usage = used.float().mean(1).tolist()
         log.append({'epoch': epoch, **{k: v / len(x) for k, v in sums.items()}, 'usage': usage})
+        if not math.isfinite(log[-1]['loss']):  # diverged: every code from here on would be noise
+            raise data.InputError(f"the RQ-VAE loss became {log[-1]['loss']} in epoch {epoch + 1}; "
+                                  f"lower --lr (or use --optimizer=adamw)")
         bar.set_postfix(loss=f"{log[-1]['loss']:.4f}", usage='/'.join(f'{u:.2f}' for u in usage))
     return model.eval(), log
 
@@ -328,7 +355,7 @@ def level_sizes(cfg):
     elif scheme == 'random':
         sizes = [cfg['random_codebook_size']] * cfg['random_codes']
     else:
-        raise data.InputError(f"unknown ID scheme '{scheme}'; use --ids=rqvae, rqkmeans, lsh or random")
+        raise data.InputError(f"unknown ID scheme '{scheme}'; use --ids= one of {', '.join(data.ID_SCHEMES)}")
     return sizes + [cfg['collision_size']]
 
 
@@ -450,11 +477,13 @@ if __name__ == '__main__':
     # `python rqvae.py [config file] [--key=value ...]`: build one ID scheme and print its statistics
     # (nothing is written; prepare.py writes the artefacts).
     try:
-        config = data.configure({k: globals()[k] for k in CONFIG_KEYS}, sys.argv[1:])
+        config = data.configure(DEFAULTS, sys.argv[1:])
         ds = data.load_dataset(config['dataset'])
+        check_config(config, ds.n_items)
         t0 = time.time()
-        codes, extra, _ = make_ids(ds.item_emb, config, device)
+        dev = data.pick_device(config['device'])
+        codes, extra, _ = make_ids(ds.item_emb, config, dev)
         report(config['ids'], all_stats(codes, config, extra, ds.items))
-        print(f"  took {time.time() - t0:.0f} s on {device}")
+        print(f"  took {time.time() - t0:.0f} s on {dev}")
     except data.InputError as e:
         sys.exit(f'error: {e}')

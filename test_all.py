@@ -1,15 +1,19 @@
 """
-test_all.py -- nanoTIGER's test suite: `python -m pytest -q test_all.py` (a few minutes on a CPU).
+test_all.py -- nanoTIGER's specification: `python -m pytest -q test_all.py` (minutes on a CPU).
 
-Every test is seeded and pins one behaviour with values that would catch a real bug.
-Sections follow the chapters: data.py, rqvae.py + prepare.py, tiger.py + eval.py, end to end.
+Every test is seeded and pins one behaviour with values that would catch a real bug (each was
+checked by breaking the code on purpose). Sections follow the chapters: data.py, rqvae.py +
+prepare.py, tiger.py + eval.py, end to end on a slice of Beauty, and what a user can get wrong.
 """
 import copy
+import errno
 import itertools
 import json
 import os
+import pickle
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -17,8 +21,10 @@ import torch
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # no progress bars in the test log (set before tqdm is used)
 import data  # noqa: E402
-import prepare
-import rqvae
+import eval as evaluation  # noqa: E402  (eval.py; the name would shadow the builtin)
+import prepare  # noqa: E402
+import rqvae  # noqa: E402
+import tiger  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -124,16 +130,26 @@ def test_user_hash_is_stable_across_processes():
     env = dict(os.environ, PYTHONHASHSEED="12345")  # a different str-hash salt must not matter
     out = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, env=env)
     assert out.stdout.strip() == str(here)
-    assert all(0 <= b < data.N_USER_BUCKETS for b in here)
+    assert here == [717, 1964, 1940]   # md5-based: the same buckets on every machine, every release
 
 
-def test_token_layout_and_batches_pad_to_batch_max(beauty):
+def beauty_train(ds, _cache={}):
+    if "train" not in _cache:
+        _cache["train"] = data.split(ds)[0]
+    return _cache["train"]
+
+
+def test_token_layout_gives_each_level_its_own_token_range():
     codes = np.array([[0, 1, 0, 0], [2, 1, 3, 0], [2, 1, 3, 1]])  # 3 items, L = 4
     tok = data.Tokenizer(codes)
     assert tok.level_sizes == [3, 2, 4, 2] and tok.level_offset == [2, 5, 7, 11]
     assert tok.levels == [(2, 3), (5, 2), (7, 4), (11, 2)]
     assert tok.user_offset == 13 and tok.vocab_size == 13 + data.N_USER_BUCKETS
     assert tok.item_tokens[2].tolist() == [4, 6, 10, 11] and tok.item_tokens[0].tolist() == [0] * 4
+
+
+def test_batches_pad_to_the_longest_history_in_the_batch():
+    tok = data.Tokenizer(np.array([[0, 1, 0, 0], [2, 1, 3, 0], [2, 1, 3, 1]]))
     ex = data.Examples(user=np.array([0, 1]), history=np.array([[1, 0, 0], [3, 2, 0]]),
                        length=np.array([1, 2]), target=np.array([2, 1]), position=np.array([1, 2]))
     user_tok = tok.user_tokens(["a", "b"])
@@ -142,17 +158,15 @@ def test_token_layout_and_batches_pad_to_batch_max(beauty):
     assert b["enc"][0].tolist() == [user_tok[0].item(), 2, 6, 7, 11, 0, 0, 0, 0]
     assert b["enc"][1, 1:].tolist() == [4, 6, 10, 12, 4, 6, 10, 11]
     assert b["dec_in"][0].tolist() == [data.BOS, 4, 6, 10] and b["target"][0].tolist() == [4, 6, 10, 11]
-    # the seeded shuffle is reproducible and covers every example once, with or without length pools
-    for by_length in (False, True):
-        a = [b.tolist() for b in data.epoch_batches(beauty_train(beauty), 256, seed=3, by_length=by_length)]
-        assert a == [b.tolist() for b in data.epoch_batches(beauty_train(beauty), 256, 3, by_length)]
-        assert sorted(sum(a, [])) == list(range(len(beauty_train(beauty))))
 
 
-def beauty_train(ds, _cache={}):
-    if "train" not in _cache:
-        _cache["train"] = data.split(ds)[0]
-    return _cache["train"]
+@pytest.mark.parametrize("by_length", [False, True])
+def test_epoch_batches_are_a_seeded_permutation(beauty, by_length):
+    train = beauty_train(beauty)
+    a = [b.tolist() for b in data.epoch_batches(train, 256, seed=3, by_length=by_length)]
+    assert a == [b.tolist() for b in data.epoch_batches(train, 256, 3, by_length)]
+    assert a != [b.tolist() for b in data.epoch_batches(train, 256, 4, by_length)]
+    assert sorted(sum(a, [])) == list(range(len(train)))     # every example once
 
 
 def test_length_pools_cut_padding(beauty):
@@ -163,19 +177,91 @@ def test_length_pools_cut_padding(beauty):
     assert padded[False] > 2.5 * real and padded[True] < 1.1 * real
 
 
-def test_configure_overrides_and_rejects_bad_values(tmp_path):
-    defaults = {"lr": 0.01, "steps": 100, "dataset": "beauty", "compile": False}
+# ---- config from the command line ------------------------------------------------------------
+
+DEFAULTS = {"lr": 0.01, "steps": 100, "dataset": "beauty", "compile": False}
+
+
+def test_configure_overrides_defaults_with_a_file_then_flags(tmp_path):
     cfg_file = tmp_path / "c.py"
     cfg_file.write_text("# a config file\nsteps = 200\nlr = 1\n")
-    cfg = data.configure(defaults, [str(cfg_file), "--dataset=toys", "--compile"])
-    assert cfg == {"lr": 1.0, "steps": 200, "dataset": "toys", "compile": True}
-    with pytest.raises(data.InputError, match="unknown setting 'stesp'"):
-        data.configure(defaults, ["--stesp=3"])
-    with pytest.raises(data.InputError, match="'steps' must be a int"):
-        data.configure(defaults, ["--steps=1e3"])
-    cfg_file.write_text("import os\n")
-    with pytest.raises(data.InputError, match="only `name = value` lines"):
-        data.configure(defaults, [str(cfg_file)])
+    cfg = data.configure(DEFAULTS, [str(cfg_file), "--dataset=toys", "--compile", "--steps=300"])
+    assert cfg == {"lr": 1.0, "steps": 300, "dataset": "toys", "compile": True}
+
+
+@pytest.mark.parametrize("argv, contents, expected", [
+    (["--stesp=3"], None, "unknown setting 'stesp'"),
+    (["--steps=1e3"], None, "'steps' must be a int"),
+    (["--lr=1e999"], None, "'lr' must be a finite number"),
+    (["--steps"], None, "write settings as --steps=value"),
+    ([], "import os\n", "only `name = value` lines"),
+    ([], "steps = (\n", "line 1: not a valid `name = value` line"),
+    ([], "steps = int('3')\n", "line 1: the value must be a literal"),
+    ([], "steps = [1, 2]\n", "'steps' must be a int"),
+    ([], b"steps = 3  # \xff\xfe\n", "is not UTF-8 text"),
+])
+def test_configure_rejects_bad_settings_in_one_line(tmp_path, argv, contents, expected):
+    if contents is not None:
+        path = tmp_path / "c.py"
+        path.write_bytes(contents if isinstance(contents, bytes) else contents.encode())
+        argv = [str(path)] + argv
+    with pytest.raises(data.InputError, match=expected.replace("(", r"\(").replace("[", r"\[")):
+        data.configure(DEFAULTS, argv)
+
+
+def test_check_settings_reads_brackets_as_closed_and_parentheses_as_open():
+    rules = {"a": "[0, 1)", "b": "(0, inf)", "c": ("x", "y")}
+    data.check_settings({"a": 0.0, "b": 1e-9, "c": "x"}, rules)
+    for bad in ({"a": 1.0}, {"b": 0.0}, {"c": "z"}, {"a": -0.1}):
+        with pytest.raises(data.InputError):
+            data.check_settings({"a": 0.5, "b": 1.0, "c": "y", **bad}, rules)
+
+
+def test_help_lists_the_settings_and_exits_cleanly():
+    out = subprocess.run([sys.executable, "tiger.py", "--help"], cwd=HERE, capture_output=True, text=True)
+    assert out.returncode == 0 and "--lr=0.003" in out.stdout and "--user_dropout=0.5" in out.stdout
+
+
+# ---- artefacts on disk -------------------------------------------------------------------------
+
+def test_failed_write_is_one_error_and_leaves_nothing_behind(tmp_path):
+    def disk_full(f):
+        f.write(b"half a file")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(data.InputError, match=r"cannot write .*x\.npy: No space left on device"):
+        data.write_atomic(str(tmp_path / "x.npy"), disk_full)
+    assert os.listdir(tmp_path) == []
+    with pytest.raises(data.InputError, match="cannot write"):   # a folder that does not exist
+        data.write_json(str(tmp_path / "nowhere" / "x.json"), {})
+    (tmp_path / "file").write_text("")
+    with pytest.raises(data.InputError, match="cannot create"):  # a folder where a file is
+        data.make_dirs(str(tmp_path / "file" / "sub"))
+
+
+def test_folder_lock_admits_one_writer_and_cleans_up_after_a_killed_one(tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / ".lock").write_text("12345")                      # left by a process that was killed
+    (folder / (data.TMP_PREFIX + "ckpt.pt123")).write_bytes(b"half a checkpoint")
+    with data.folder_lock(str(folder)):
+        assert (folder / ".lock").read_text() == str(os.getpid())
+        assert sorted(os.listdir(folder)) == [".lock"]          # the killed writer's temp file is gone
+        with pytest.raises(data.InputError, match=f"in use by another running process .pid {os.getpid()}"):
+            with data.folder_lock(str(folder)):                 # nobody else gets in meanwhile
+                pass
+    with data.folder_lock(str(folder)):                         # released at the end
+        pass
+    code = f"import data, time\nwith data.folder_lock({str(folder)!r}):\n    print('in', flush=True)\n" \
+           f"    time.sleep(60)"
+    holder = subprocess.Popen([sys.executable, "-c", code], cwd=HERE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "in\n"                  # another process holds it
+    with pytest.raises(data.InputError, match="in use by another running process"):
+        with data.folder_lock(str(folder)):
+            pass
+    holder.kill()                                               # killed: the OS releases its lock
+    holder.wait()
+    with data.folder_lock(str(folder)):
+        pass
 
 
 # ==============================================================================================
@@ -202,12 +288,14 @@ def test_kmeans_leaves_no_cluster_empty_even_when_k_equals_n():
     assert sorted(assign.tolist()) == list(range(32))   # every point its own cluster
 
 
-def test_kmeans_moves_an_empty_cluster_to_the_farthest_point():
-    # 9 points: two far-apart groups; a bad start puts all centroids in the first group
-    x = torch.tensor([[0.0], [0.1], [0.2], [0.3], [10.0], [10.1], [10.2], [10.3], [50.0]])
-    c, assign, obj = rqvae.kmeans(x, 3, n_iter=5, seed=0)
-    assert (torch.bincount(assign, minlength=3) > 0).all()
-    assert obj[-1] <= obj[0]
+def test_lloyd_step_moves_an_empty_cluster_to_the_farthest_point():
+    x = torch.tensor([[0.0], [1.0], [10.0], [11.0], [50.0]], dtype=torch.float64)
+    centroids = torch.tensor([[0.5], [10.5], [100.0]], dtype=torch.float64)  # nothing is nearest to 100: cluster 2 is empty
+    objective = rqvae.lloyd_step(x, centroids)
+    # clusters 0 and 1 move to their means; the empty one to 50, the point farthest from its centroid
+    assert centroids[:, 0].tolist() == [0.5, 71 / 3, 50.0]
+    assert objective == pytest.approx(0.25 * 4 + 39.5 ** 2)
+    assert rqvae.lloyd_step(x, centroids) < objective    # and the objective went down
 
 # ---- residual quantizer and RQ-VAE -------------------------------------------------------------
 
@@ -236,11 +324,31 @@ def test_kmeans_init_of_the_codebooks_uses_each_levels_residuals():
 def test_straight_through_sends_reconstruction_gradient_to_the_encoder():
     torch.manual_seed(0)
     model = rqvae.RQVAE(in_dim=16, latent_dim=4, n_levels=2, codebook_size=8)
-    x = torch.randn(64, 16)
-    _, _, losses = model(x)
+    _, _, losses = model(torch.randn(64, 16))
     losses['recon'].backward()                           # the reconstruction term alone
     assert model.encoder[0].weight.grad.abs().sum() > 0
     assert model.quantizer.codebooks.grad is None or model.quantizer.codebooks.grad.abs().sum() == 0
+
+
+def test_rqvae_loss_weighs_the_commitment_term_by_beta():
+    # L = recon + sum_d ||sg[r_d] - e_d||^2 + beta ||r_d - sg[e_d]||^2 (Sec. 3.1). The two quantizer
+    # terms have the same value, so only their gradients tell them apart: the codebooks get the
+    # codebook term's gradient at weight 1, the encoder the commitment term's at weight beta.
+    torch.manual_seed(0)
+    model = rqvae.RQVAE(in_dim=16, latent_dim=4, n_levels=2, codebook_size=8)
+    x = torch.randn(64, 16)
+    params = [model.quantizer.codebooks, model.encoder[0].weight]
+
+    def grads(term, beta):
+        _, _, losses = model(x, beta=beta)
+        return torch.autograd.grad(term(losses), params, allow_unused=True)
+    total_cb, total_enc = grads(lambda l: l['loss'], beta=0.25)
+    codebook_cb, _ = grads(lambda l: l['codebook'], beta=0.25)
+    _, recon_enc = grads(lambda l: l['recon'], beta=0.25)
+    _, commit_enc = grads(lambda l: l['commit'], beta=0.25)
+    assert torch.allclose(total_cb, codebook_cb, atol=1e-6)
+    assert torch.allclose(total_enc, recon_enc + 0.25 * commit_enc, atol=1e-6)
+    assert commit_enc.abs().sum() > 0
 
 
 def test_rqvae_training_runs_and_uses_its_codebooks():
@@ -254,14 +362,13 @@ def test_rqvae_training_runs_and_uses_its_codebooks():
 
 # ---- collision token ---------------------------------------------------------------------------
 
-def test_collision_token_makes_ids_unique_keeps_prefixes_and_is_deterministic():
+def test_collision_token_makes_ids_unique_and_keeps_prefixes():
     codes = np.array([[1, 2, 3], [0, 0, 0], [1, 2, 3], [4, 5, 6], [1, 2, 3], [0, 0, 0]])
     ids = rqvae.add_collision_token(codes)
     assert ids.dtype == np.int64 and ids.shape == (6, 4)
     assert np.array_equal(ids[:, :3], codes)
     assert ids[:, 3].tolist() == [0, 0, 1, 0, 2, 1]      # numbered in item order inside each group
     assert len(np.unique(ids, axis=0)) == 6
-    assert np.array_equal(rqvae.add_collision_token(codes), ids)
 
 
 def test_collision_group_larger_than_the_token_range_is_an_error():
@@ -278,7 +385,6 @@ def test_lsh_code_equals_the_formula_on_a_hand_made_example():
     emb = np.random.default_rng(0).normal(size=(50, 8)).astype(np.float32)
     codes = rqvae.lsh_ids(emb, n_codes=4, n_bits=8, seed=3)
     assert codes.shape == (50, 4) and codes.min() >= 0 and codes.max() < 256
-    assert np.array_equal(codes, rqvae.lsh_ids(emb, 4, 8, seed=3))
 
 
 def test_random_ids_reproducible_from_the_seed():
@@ -305,40 +411,74 @@ def test_category_structure_counts_pairs():
     assert c['same_category_share'] == pytest.approx(1 / 3)   # code 0: 3 pairs, one shares 'A > x'
     assert c['pairs_base_rate'] == pytest.approx(1 / 6)       # 4 items with 2 levels: 6 pairs, 1 same
 
-# ---- prepare.py --------------------------------------------------------------------------------
+# ---- prepare.py and the Semantic-ID reader -----------------------------------------------------
 
-def test_prepare_reuses_then_detects_corrupt_and_mismatched_artefacts(tmp_path, capsys):
-    args = ['--dataset=beauty', '--ids=lsh', f'--out_dir={tmp_path}']
-    codes, stats, reused = prepare.main(args)
-    assert not reused and codes.shape == (12101, 5)
-    folder = tmp_path / 'beauty' / 'lsh'
-    assert sorted(os.listdir(folder)) == ['codes.npy', 'config.json', 'stats.json']   # no temp files left
-    assert np.array_equal(prepare.load_codes('beauty', 'lsh', str(tmp_path)), codes)
-    assert prepare.main(args)[2]                                        # second run: reused
+@pytest.fixture(scope="module")
+def lsh_out(tmp_path_factory):
+    """LSH IDs of Beauty, built once (a few seconds): out folder, codes."""
+    out = tmp_path_factory.mktemp("lsh")
+    codes, _, reused = prepare.main(['--ids=lsh', f'--out_dir={out}'])
+    assert not reused
+    return out, codes
+
+
+def test_prepare_writes_a_finished_build_and_reuses_it(lsh_out, beauty, capsys):
+    out, codes = lsh_out
+    folder = out / 'beauty' / 'lsh'
+    assert codes.shape == (12101, 5)
+    assert sorted(os.listdir(folder)) == ['.lock', 'codes.npy', 'config.json', 'stats.json']  # no temp files
+    assert np.array_equal(data.load_codes(beauty, 'lsh', str(out)), codes)
+    assert prepare.main(['--ids=lsh', f'--out_dir={out}'])[2]            # second run: reused
     assert 'reusing' in capsys.readouterr().out
-    # corrupt file: load_codes refuses it, prepare rebuilds it
-    (folder / 'codes.npy').write_bytes(b'not a numpy file')
-    with pytest.raises(data.InputError, match='prepare.py'):
-        prepare.load_codes('beauty', 'lsh', str(tmp_path))
+
+
+@pytest.mark.parametrize("damage, expected", [
+    ("garbage", "cannot be read"),
+    ("swapped rows", "not the table this build wrote"),
+    ("shape", "shape"),
+    ("no config.json", "missing"),
+])
+def test_id_reader_refuses_a_damaged_table_and_prepare_rebuilds_it(tmp_path, beauty, damage, expected):
+    args = ['--ids=random', f'--out_dir={tmp_path}']
+    codes = prepare.main(args)[0]
+    folder = tmp_path / 'beauty' / 'random'
+    if damage == "garbage":
+        (folder / 'codes.npy').write_bytes(b'not a numpy file')
+    elif damage == "swapped rows":     # a valid-looking table: only the checksum can tell
+        np.save(folder / 'codes.npy', codes[::-1].copy())
+    elif damage == "shape":
+        np.save(folder / 'codes.npy', codes[:100])
+    else:
+        os.remove(folder / 'config.json')
+    with pytest.raises(data.InputError, match=expected):
+        data.load_codes(beauty, 'random', str(tmp_path))
     again, _, reused = prepare.main(args)
     assert not reused and np.array_equal(again, codes)
-    # a valid-looking but different table (rows swapped): caught by the checksum, rebuilt
-    np.save(folder / 'codes.npy', codes[::-1].copy())
-    again, _, reused = prepare.main(args)
-    assert not reused and np.array_equal(again, codes)
-    # a table of the wrong shape is refused by load_codes
-    np.save(folder / 'codes.npy', codes[:100])
-    with pytest.raises(data.InputError, match='shape'):
-        prepare.load_codes('beauty', 'lsh', str(tmp_path))
-    # changed settings rebuild; an unfinished build (no config.json) is never used
-    assert not prepare.main(args + ['--lsh_bits=6'])[2]
-    os.remove(folder / 'config.json')
-    with pytest.raises(data.InputError, match='missing'):
-        prepare.load_codes('beauty', 'lsh', str(tmp_path))
+
+
+def test_id_reader_refuses_ids_built_from_other_embeddings(tmp_path):
+    # two dataset folders with the same name share out/<name>/<ids>/: the second one's IDs are not
+    # the first one's, and its embeddings' fingerprint says so; the fix command keeps --out_dir
+    a = _write_dataset(str(tmp_path / "a" / "shop"), ["u1 1 2 3", "u2 3 2 1"], items=3)
+    b = _write_dataset(str(tmp_path / "b" / "shop"), ["u1 1 2 3", "u2 3 2 1"], items=3,
+                       emb=np.eye(3, 8, dtype=np.float16))
+    out = str(tmp_path / "out")
+    prepare.main([f'--dataset={a}', '--ids=random', f'--out_dir={out}'])
+    with pytest.raises(data.InputError, match=rf"other item embeddings.*--dataset={b} --ids=random "
+                                              rf"--out_dir={out} --force"):
+        data.load_codes(data.load_dataset(b), 'random', out, dataset=b)
+
+
+def test_id_reader_refuses_another_schemes_folder(lsh_out, beauty, tmp_path):
+    import shutil
+    out, _ = lsh_out
+    shutil.copytree(out / 'beauty' / 'lsh', tmp_path / 'beauty' / 'random')   # wrong files, right name
+    with pytest.raises(data.InputError, match='lsh IDs'):
+        data.load_codes(beauty, 'random', str(tmp_path))
 
 
 def test_prepare_rqvae_writes_weights_and_rejects_foreign_ones(tmp_path):
-    # 2 epochs leave the codes crowded (see README), so allow big collision groups in this test
+    # 2 epochs leave the codes crowded, so allow big collision groups in this test
     args = ['--ids=rqvae', f'--out_dir={tmp_path}', '--n_epochs=2', '--kmeans_iters=3', '--collision_size=20000']
     codes, stats, reused = prepare.main(args)
     folder = tmp_path / 'beauty' / 'rqvae'
@@ -353,29 +493,57 @@ def test_prepare_rqvae_writes_weights_and_rejects_foreign_ones(tmp_path):
     assert not prepare.main(args)[2]
 
 
-def test_load_codes_refuses_another_schemes_folder(tmp_path):
-    import shutil
-    prepare.main(['--ids=random', f'--out_dir={tmp_path}'])
-    shutil.copytree(tmp_path / 'beauty' / 'random', tmp_path / 'beauty' / 'lsh')   # wrong files, right name
-    with pytest.raises(data.InputError, match='random IDs'):
-        prepare.load_codes('beauty', 'lsh', str(tmp_path))
+def test_a_failed_rebuild_keeps_the_previous_build(tmp_path, beauty, monkeypatch):
+    args = ['--ids=random', f'--out_dir={tmp_path}']
+    codes = prepare.main(args)[0]
+    folder = tmp_path / 'beauty' / 'random'
+    before = {f: (folder / f).read_bytes() for f in os.listdir(folder)}
+    real_write = data.write_atomic
+
+    def full_at_stats(path, write):           # the disk fills up while the new build is written
+        if 'stats.json' in path:
+            raise data.InputError(f"cannot write {path}: No space left on device")
+        real_write(path, write)
+    monkeypatch.setattr(data, "write_atomic", full_at_stats)
+    with pytest.raises(data.InputError, match="No space left"):
+        prepare.main(args + ['--force', '--seed=5'])
+    monkeypatch.setattr(data, "write_atomic", real_write)
+    assert {f: (folder / f).read_bytes() for f in os.listdir(folder)} == before   # nothing changed
+    assert np.array_equal(data.load_codes(beauty, 'random', str(tmp_path)), codes)
+
+
+@pytest.mark.parametrize("flag, expected", [
+    ("--codebook_size=0", "codebook_size must be in"),
+    ("--lr=-1.0", "lr must be in"),
+    ("--lsh_bits=64", "lsh_bits must be in"),
+    ("--seed=-3", "seed must be in"),
+    ("--ids=hash", "ids must be one of rqvae, rqkmeans, lsh, random"),
+    ("--batch_size=100", "codebook_size 256 is larger than the 100 items"),
+])
+def test_prepare_checks_every_setting_at_the_door(tmp_path, flag, expected):
+    with pytest.raises(data.InputError, match=expected):
+        prepare.main([flag, f'--out_dir={tmp_path}'])
+    assert not os.path.exists(tmp_path / 'beauty')          # nothing was started
+
+
+def test_a_dataset_smaller_than_the_codebook_is_one_clear_error(tmp_path):
+    folder = _write_dataset(str(tmp_path / "tiny"), ["u1 1 2 3", "u2 3 2 1"], items=3)
+    with pytest.raises(data.InputError, match="codebook_size 256 is larger than the 3 items"):
+        prepare.main([f'--dataset={folder}', '--ids=rqkmeans', f'--out_dir={tmp_path}'])
 
 
 # ==============================================================================================
 # tiger.py and eval.py
 
-import eval as evaluation  # noqa: E402  (eval.py; the name would shadow the builtin)
-import tiger  # noqa: E402
-
-TINY = dict(n_layer=2, n_head=2, head_dim=8, d_model=16, d_ff=32, dropout=0.0)
+LEVELS_60 = [(2, 15), (17, 15), (32, 15), (47, 13)]  # 4 code levels in a 60-token vocabulary
 
 
-@pytest.fixture
-def tiny(monkeypatch):
-    """tiger's config globals set to a tiny model (restored after the test)."""
-    for k, v in TINY.items():
-        monkeypatch.setattr(tiger, k, v)
+def tiny(vocab_size=60, levels=LEVELS_60, **changes):
+    """A tiny TIGER built from its config alone (seeded)."""
+    config = tiger.TIGERConfig(vocab_size, levels, n_layer=2, n_head=2, head_dim=8, d_model=16, d_ff=32,
+                               dropout=0.0, softmax="level")
     torch.manual_seed(0)
+    return tiger.TIGER(replace(config, **changes))
 
 
 def tiny_codes():
@@ -389,150 +557,179 @@ def tiny_codes():
     return codes
 
 
-LEVELS_60 = [(2, 15), (17, 15), (32, 15), (47, 13)]  # 4 code levels in a 60-token vocabulary
+def random_inputs(B=3, T=9, L=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(2, 60, (B, T), generator=g), torch.randint(2, 60, (B, L), generator=g)
 
 
-def test_decoder_is_causal_and_encoder_ignores_padding(tiny):
-    model = tiger.TIGER(60, LEVELS_60).eval()
-    enc = torch.randint(2, 60, (3, 9))
-    dec = torch.randint(2, 60, (3, 4))
+def test_decoder_is_causal():
+    model = tiny().eval()
+    enc, dec = random_inputs()
     states, _ = model(enc, dec)                  # (3, 4, d): what every score is computed from
     dec2 = dec.clone()
     dec2[:, 2:] = torch.randint(2, 60, (3, 2))  # change later decoder inputs
     states2, _ = model(enc, dec2)
     assert torch.allclose(states[:, :2], states2[:, :2], atol=1e-6)
     assert not torch.allclose(states[:, 2:], states2[:, 2:], atol=1e-3)
-    # appending padding to the encoder input changes neither the real tokens' outputs nor the decoder's
+
+
+def test_encoder_ignores_padding():
+    model = tiny().eval()
+    enc, dec = random_inputs()
     memory, _ = model.encode(enc)
     padded = torch.cat([enc, torch.full((3, 5), data.PAD)], 1)
-    memory_p, _ = model.encode(padded)
-    assert torch.allclose(memory, memory_p[:, :9], atol=1e-5)
-    assert torch.allclose(model(padded, dec)[0], states, atol=1e-5)
+    assert torch.allclose(memory, model.encode(padded)[0][:, :9], atol=1e-5)
+    assert torch.allclose(model(padded, dec)[0], model(enc, dec)[0], atol=1e-5)
 
 
-@pytest.mark.parametrize("head,eps", [("level", 0.0), ("full", 0.0), ("level", 0.2)])
-def test_code_logprobs_and_loss(tiny, monkeypatch, head, eps):
-    monkeypatch.setattr(tiger, "head", head)
-    monkeypatch.setattr(tiger, "label_smoothing", eps)
-    model = tiger.TIGER(60, LEVELS_60).eval()
-    enc, dec = torch.randint(2, 60, (3, 9)), torch.randint(2, 60, (3, 4))
+def test_relative_position_buckets_are_t5s():
+    enc = tiger.RelativePositionBias(n_head=1, bidirectional=True)   # 16 buckets each way, 8 exact
+    rel = torch.tensor([0, -1, 1, -3, 3, -7, -8, -20, -127, -1000, 1000])
+    # exact up to 7; then 8 + floor(log(d / 8) / log(128 / 8) * 8), capped at 15; keys after the
+    # query (rel > 0) use buckets 16..31
+    assert enc.bucket(rel).tolist() == [0, 1, 17, 3, 19, 7, 8, 10, 15, 15, 31]
+    dec = tiger.RelativePositionBias(n_head=1, bidirectional=False)  # 32 buckets into the past, 16 exact
+    rel = torch.tensor([0, -1, 5, -15, -16, -40, -127, -1000])
+    assert dec.bucket(rel).tolist() == [0, 1, 0, 15, 16, 23, 31, 31]
+
+
+@pytest.mark.parametrize("softmax", ["level", "full"])
+def test_code_logprobs_and_loss(softmax):
+    model = tiny(softmax=softmax).eval()
+    enc, dec = random_inputs()
     target = torch.tensor([[first + 1 for first, _ in LEVELS_60]] * 3)   # code 1 of every level
     states, loss = model(enc, dec, target)
     logp = [model.code_logprobs(states[:, l], l) for l in range(4)]      # each (3, n_codes of level l)
     assert [p.shape[1] for p in logp] == [15, 15, 15, 13]
-    total = torch.stack([p.exp().sum(-1) for p in logp])
-    if head == "level":   # a proper distribution over the level's codes
-        assert torch.allclose(total, torch.ones_like(total), atol=1e-5)
-    else:                 # the whole vocabulary shares the mass, so a level gets less than all of it
-        assert (total < 0.99).all()
-    # the loss is the mean negative log-probability of the target codes; with label smoothing eps, the
-    # cross-entropy against (1 - eps) on the target code plus eps spread evenly over the level's codes
-    smoothed = [(1 - eps) * -p[:, 1] + eps * -p.mean(-1) for p in logp]
-    assert torch.allclose(loss, torch.stack(smoothed).mean(), atol=1e-6)
+    W = model.lm_head.weight                                             # (vocab, d): a row per token
+    for l, (first, n) in enumerate(LEVELS_60):
+        if softmax == "level":   # a softmax over the level's own rows only: a proper distribution
+            want = torch.log_softmax(states[:, l] @ W[first:first + n].T, -1)
+            assert torch.allclose(logp[l].exp().sum(-1), torch.ones(3), atol=1e-5)
+        else:                    # T5's softmax over the whole vocabulary, read at the level's tokens
+            want = torch.log_softmax(states[:, l] @ W.T, -1)[:, first:first + n]
+            assert (logp[l].exp().sum(-1) < 0.99).all()
+        assert torch.allclose(logp[l], want, atol=1e-5)
+    # the loss is the mean over users and levels of -log p(target code)
+    assert torch.allclose(loss, -torch.stack([p[:, 1] for p in logp]).mean(), atol=1e-6)
 
 
-def test_ema_update_is_the_moving_average(tiny, monkeypatch):
-    monkeypatch.setattr(tiger, "ema", 0.9)
-    model = tiger.TIGER(60, LEVELS_60)
+def test_two_tigers_of_different_shapes_live_side_by_side():
+    small = tiny().eval()
+    enc, dec = random_inputs()
+    before = small(enc, dec)[0]
+    wide = tiny(n_head=3, head_dim=16, d_model=24, softmax="full").eval()   # built after the first
+    assert wide(enc, dec)[0].shape == (3, 4, 24)
+    assert torch.equal(small(enc, dec)[0], before)                     # the first is untouched
+    assert small.config.softmax == "level" and wide.config.d_model == 24
+    # a checkpoint's config alone rebuilds a model with the same outputs
+    again = tiger.TIGER(tiger.TIGERConfig(**json.loads(json.dumps(vars(small.config)))))
+    again.load_state_dict(small.state_dict())
+    assert torch.equal(again.eval()(enc, dec)[0], before)
+
+
+def test_ema_update_is_the_moving_average():
+    model = tiny()
     averaged = copy.deepcopy(model)
     old = [p.detach().clone() for p in averaged.parameters()]
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)
-    tiger.update_ema(averaged, model, step=0)      # decay ramps up: min(0.9, 1/10) = 0.1 at step 0
-    tiger.update_ema(averaged, model, step=1000)   # then the configured 0.9
+    tiger.update_ema(averaged, model, step=0, decay=0.9)      # decay ramps up: min(0.9, 1/10) at step 0
+    tiger.update_ema(averaged, model, step=1000, decay=0.9)   # then the configured 0.9
     for a, o, p in zip(averaged.parameters(), old, model.parameters()):
         first = 0.1 * o + 0.9 * p
         assert torch.allclose(a, 0.9 * first + 0.1 * p, atol=1e-6)
 
 
-def test_tied_embeddings_stay_one_table_through_a_step_a_copy_and_a_checkpoint(tiny, monkeypatch):
-    untied = sum(p.numel() for p in tiger.TIGER(60, LEVELS_60).parameters())
-    monkeypatch.setattr(tiger, "tie_embeddings", True)
-    model = tiger.TIGER(60, LEVELS_60)
-    assert model.head.weight is model.embed.weight
-    assert sum(p.numel() for p in model.parameters()) == untied - 60 * TINY["d_model"]
-    enc, dec = torch.randint(2, 60, (3, 9)), torch.randint(2, 60, (3, 4))
-    target = torch.tensor([[first + 1 for first, _ in LEVELS_60]] * 3)
-    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
-    model(enc, dec, target)[1].backward()
-    opt.step()
-    assert model.head.weight is model.embed.weight            # still one table after an optimizer step
-    averaged = copy.deepcopy(model)                           # the EMA copy is tied too
-    assert averaged.head.weight is averaged.embed.weight
-    fresh = tiger.TIGER(60, LEVELS_60)
-    fresh.load_state_dict(model.state_dict())
-    assert fresh.head.weight is fresh.embed.weight
-    assert torch.equal(fresh.eval()(enc, dec, target)[1], model.eval()(enc, dec, target)[1])  # eval: no item dropout
+def test_get_lr_warms_up_then_decays():
+    cosine = lambda step: tiger.get_lr(step, lr=1.0, warmup_steps=100, max_steps=1100, schedule="cosine")
+    assert cosine(0) == pytest.approx(0.01) and cosine(49) == pytest.approx(0.5)   # linear warmup
+    assert cosine(99) == pytest.approx(1.0) and cosine(100) == pytest.approx(1.0)
+    assert cosine(600) == pytest.approx(0.5) and cosine(1100) == pytest.approx(0.0)  # half-way, the end
+    rsqrt = lambda step: tiger.get_lr(step, lr=0.01, warmup_steps=100, max_steps=10 ** 6, schedule="rsqrt")
+    assert rsqrt(0) == rsqrt(99) == rsqrt(100) == 0.01              # the paper: constant, then 1/sqrt
+    assert rsqrt(400) == pytest.approx(0.005) and rsqrt(10000) == pytest.approx(0.001)
 
 
-@pytest.mark.parametrize("inner", [True, False])
-def test_inner_dropout_switches_attention_and_mlp_dropout(tiny, monkeypatch, inner):
-    # dropout on the residual stream is always on when dropout > 0; inner_dropout decides whether the
-    # attention probabilities and the MLP's hidden units are dropped too (T5 drops both)
-    monkeypatch.setattr(tiger, "dropout", 0.5)
-    monkeypatch.setattr(tiger, "inner_dropout", inner)
-    block = tiger.Block(cross=False)
+def test_dropout_acts_where_t5_puts_it_and_only_in_training():
+    # T5 drops the attention probabilities, the MLP's hidden units, each sublayer's output (the
+    # residual stream) and the embeddings; each is checked with the others switched off
+    model = tiny(dropout=0.5, n_layer=1)            # one layer: these four are all the encoder's dropouts
+    block = model.encoder[0]
     x, bias = torch.randn(4, 6, 16), torch.zeros(1, 2, 6, 6)
-    attn_eval, mlp_eval = block.self_attn(x, x, bias), block.mlp(x)
-    block.train()
-    attn_train, mlp_train = block.self_attn(x, x, bias), block.mlp(x)
-    assert torch.allclose(attn_train, attn_eval, atol=1e-6) != inner
-    assert torch.allclose(mlp_train, mlp_eval, atol=1e-6) != inner
-    y_eval = block.eval()(x, bias)
-    assert not torch.allclose(block.train()(x, bias), y_eval, atol=1e-3)  # the residual dropout stays
+    enc, _ = random_inputs()
+    places = {"attention probabilities": (lambda: block.self_attn(x, x, bias), block.self_attn, "attn_dropout"),
+              "MLP hidden units": (lambda: block.mlp(x), block.mlp[2], "p"),
+              "residual stream": (lambda: block(x, bias), block.resid_dropout, "p"),
+              "embeddings": (lambda: model.encode(enc)[0], model.emb_dropout, "p")}
+    rates = {name: getattr(m, a) for name, (_, m, a) in places.items()}
+    for name, (run, module, attr) in places.items():
+        for other, (_, m, a) in places.items():               # only this one on
+            setattr(m, a, rates[name] if other == name else 0.0)
+        model.eval()
+        evaluated = run()
+        assert torch.equal(run(), evaluated), name                     # evaluation: no dropout
+        model.train()
+        assert not torch.allclose(run(), evaluated, atol=1e-3), name   # training: this dropout acts
 
 
-def test_item_dropout_hides_whole_history_items_in_training_only(tiny, monkeypatch):
-    monkeypatch.setattr(tiger, "item_dropout", 0.5)
-    monkeypatch.setattr(tiger, "user_dropout", 0.0)
+def test_item_dropout_hides_whole_history_items():
+    torch.manual_seed(0)
     L, n = 4, 100
     enc = torch.cat([torch.full((8, 1), 59), torch.randint(2, 59, (8, n * L))], 1)  # [user, 100 items]
-    dropped = tiger.drop_input_tokens(enc, L)
+    dropped = tiger.drop_input_tokens(enc, L, item_dropout=0.5, user_dropout=0.0)
     assert torch.equal(dropped[:, 0], enc[:, 0])                 # the user token stays at user_dropout = 0
     items, kept = enc[:, 1:].view(8, n, L), dropped[:, 1:].view(8, n, L)
     gone = (kept == data.PAD).all(-1)                            # (8, n) items that vanished
     assert torch.equal(kept[~gone], items[~gone])                # the rest are untouched ...
     assert torch.equal(kept == data.PAD, gone[..., None].expand(-1, -1, L))  # ... and none half-dropped
     assert 0.4 < gone.float().mean() < 0.6
-    model = tiger.TIGER(60, LEVELS_60)
-    dec = torch.randint(2, 59, (8, 4))
-    model.eval()
-    assert torch.equal(model(enc, dec)[0], model(enc, dec)[0])   # evaluation always reads everything
-    assert not torch.allclose(model.train()(enc, dec)[0], model.eval()(enc, dec)[0], atol=1e-3)
 
 
-def test_user_dropout_hides_the_user_token_but_never_the_whole_input(tiny, monkeypatch):
-    monkeypatch.setattr(tiger, "item_dropout", 0.0)
-    monkeypatch.setattr(tiger, "user_dropout", 0.5)
+def test_user_dropout_hides_the_user_token_but_never_the_whole_input():
+    torch.manual_seed(0)
     L = 4
     enc = torch.cat([torch.full((400, 1), 59), torch.randint(2, 59, (400, 2 * L))], 1)  # [user, 2 items]
     enc[:200, 1:] = data.PAD                                     # half the rows have no history at all
-    dropped = tiger.drop_input_tokens(enc, L)
+    dropped = tiger.drop_input_tokens(enc, L, item_dropout=0.0, user_dropout=0.5)
     assert torch.equal(dropped[:, 1:], enc[:, 1:])              # items untouched at item_dropout = 0
     assert torch.equal(dropped[:200], enc[:200])                # a row with no history keeps its user
     assert 0.4 < (dropped[200:, 0] == data.PAD).float().mean() < 0.6
-    monkeypatch.setattr(tiger, "item_dropout", 0.7)             # both at once: every row keeps a key
-    assert ((tiger.drop_input_tokens(enc, L) != data.PAD).any(1)).all()
-    model = tiger.TIGER(60, LEVELS_60).eval()                    # evaluation reads the user token
-    dec = torch.randint(2, 59, (8, 4))
-    assert torch.equal(model(enc[200:208], dec)[0], model(enc[200:208], dec)[0])
-    # user_dropout = 0 draws no random number, so runs from before the option reproduce exactly
-    monkeypatch.setattr(tiger, "user_dropout", 0.0)
+    both = tiger.drop_input_tokens(enc, L, item_dropout=0.7, user_dropout=0.5)
+    assert ((both != data.PAD).any(1)).all()                    # every row keeps a key to attend to
+
+
+def test_user_dropout_off_draws_no_random_number():
+    enc = torch.randint(2, 59, (400, 9))
     torch.manual_seed(3)
-    tiger.drop_input_tokens(enc, L)
+    tiger.drop_input_tokens(enc, 4, item_dropout=0.1, user_dropout=0.0)
     after = torch.rand(1)
     torch.manual_seed(3)
     torch.rand(400, 2)                                           # the item draws alone
     assert torch.equal(after, torch.rand(1))
-    with pytest.raises(data.InputError, match="user_dropout must be in"):
-        tiger.main(["--user_dropout=1"])
 
 
-def test_incremental_decoding_with_cache_equals_full_forward(tiny):
-    model = tiger.TIGER(60, LEVELS_60).eval()
-    enc = torch.randint(2, 60, (2, 7))
-    dec = torch.randint(2, 60, (2, 5))
+def test_the_model_reads_the_user_token_and_every_history_item():
+    # input dropout belongs to the training step; the model itself, in training or in evaluation,
+    # sees the whole input: hiding the user token or one history item changes its output
+    model = tiny()
+    enc = torch.cat([torch.full((3, 1), 59), torch.randint(2, 59, (3, 12))], 1)  # [user, 3 items of 4]
+    dec = torch.randint(2, 59, (3, 4))
+    hidden = [[0]] + [list(range(1 + 4 * i, 5 + 4 * i)) for i in range(3)]    # the user, each item
+    for mode in (model.eval, model.train):
+        mode()
+        full = model(enc, dec)[0]
+        for columns in hidden:
+            without = enc.clone()
+            without[:, columns] = data.PAD
+            assert not torch.allclose(model(without, dec)[0], full, atol=1e-4), columns
+    assert torch.equal(model.eval()(enc, dec)[0], model.train()(enc, dec)[0])   # dropout 0: same
+
+
+def test_incremental_decoding_with_cache_equals_full_forward():
+    model = tiny().eval()
+    enc, dec = random_inputs(B=2, T=7, L=5)
     full, _ = model(enc, dec)
     memory, cross_bias = model.encode(enc)
     caches = [{"self": {}, "cross": {}} for _ in model.decoder]
@@ -553,28 +750,34 @@ def sequence_logprobs(model, enc, tokenizer):
     return logp.view(B, n)
 
 
-@pytest.mark.parametrize("head", ["level", "full"])
-def test_beam_search_matches_brute_force(tiny, monkeypatch, head):
-    monkeypatch.setattr(tiger, "head", head)
+@pytest.mark.parametrize("softmax", ["level", "full"])
+def test_beam_search_matches_brute_force(softmax):
     codes = tiny_codes()
     tok = data.Tokenizer(codes, n_user_buckets=10)
     tables = tiger.PrefixTables(tok)
-    model = tiger.TIGER(tok.vocab_size, tok.levels).eval()
+    model = tiny(tok.vocab_size, tok.levels, softmax=softmax).eval()
     enc = torch.cat([torch.full((4, 1), tok.user_offset), tok.item_tokens[torch.randint(1, 15, (4, 3))].flatten(1)], 1)
     brute = sequence_logprobs(model, enc, tok)                              # (4, 14)
     # a beam as large as the item set is exact: the top-K items by sequence log-probability
-    got, scores = model.beam_search(enc, tables, beam_size=14)
+    got, scores = tiger.beam_search(model, enc, tables, beam_size=14)
     items = tables.items_of(got)
     want_scores, want_items = brute.sort(dim=1, descending=True)
     assert torch.equal(items, want_items + 1)
     assert torch.allclose(scores, want_scores, atol=1e-5)
     # a smaller beam still returns only real items, each scored with its exact log-probability
-    got, scores = model.beam_search(enc, tables, beam_size=3)
+    got, scores = tiger.beam_search(model, enc, tables, beam_size=3)
     items = tables.items_of(got)
     assert (items > 0).all() and items.shape == (4, 3)
     assert torch.allclose(scores, brute.gather(1, items - 1), atol=1e-5)
-    # unconstrained decoding may produce IDs that are no item; items_of maps those to 0
-    got, _ = model.beam_search(enc, tables, beam_size=50, constrained=False)
+
+
+def test_unconstrained_beam_search_can_return_ids_that_are_no_item():
+    codes = tiny_codes()
+    tok = data.Tokenizer(codes, n_user_buckets=10)
+    tables = tiger.PrefixTables(tok)
+    model = tiny(tok.vocab_size, tok.levels).eval()
+    enc = torch.cat([torch.full((4, 1), tok.user_offset), tok.item_tokens[torch.randint(1, 15, (4, 3))].flatten(1)], 1)
+    got, _ = tiger.beam_search(model, enc, tables, beam_size=50, constrained=False)
     items = tables.items_of(got)
     assert (items == 0).any() and set(items[items > 0].tolist()) <= set(range(1, 15))
     assert torch.equal(tables.items_of(torch.from_numpy(codes)), torch.arange(1, 15))
@@ -593,20 +796,20 @@ def test_metrics_against_hand_computed_values():
     assert m["ndcg@1"] == pytest.approx(1 / 3)
     assert m["ndcg@5"] == pytest.approx((1 + 1 / np.log2(6)) / 3)  # 1/log2(1+1) = 1, 1/log2(5+1)
     assert evaluation.invalid_rate(torch.tensor([[1, 0], [0, 0]])) == 0.75
+    # a ranking of 6 is long enough for K = 5 only
+    assert set(evaluation.metrics(ranked, targets)) == {"recall@5", "ndcg@5"}
 
 
-def test_tiny_model_overfits_tiny_dataset_to_recall_at_1(tiny):
+def test_tiny_model_overfits_tiny_dataset_to_recall_at_1():
     codes = tiny_codes()
     tok = data.Tokenizer(codes, n_user_buckets=10)
     tables = tiger.PrefixTables(tok)
     # 8 users, each with its own history and next item
     rng = np.random.default_rng(1)
-    history = np.zeros((8, 3), np.int64)
-    history[:, :3] = rng.integers(1, 15, (8, 3))
-    ex = data.Examples(user=np.arange(8), history=history, length=np.full(8, 3),
+    ex = data.Examples(user=np.arange(8), history=rng.integers(1, 15, (8, 3)), length=np.full(8, 3),
                        target=rng.permutation(14)[:8] + 1, position=np.full(8, 3))
     user_tok = tok.user_tokens([f"u{i}" for i in range(8)])
-    model = tiger.TIGER(tok.vocab_size, tok.levels)
+    model = tiny(tok.vocab_size, tok.levels)       # no dropout of any kind
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     batch = data.make_batch(ex, np.arange(8), tok, user_tok)
     for _ in range(150):
@@ -614,8 +817,7 @@ def test_tiny_model_overfits_tiny_dataset_to_recall_at_1(tiny):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    model.eval()
-    codes_out, _ = model.beam_search(batch["enc"], tables, beam_size=5)
+    codes_out, _ = tiger.beam_search(model.eval(), batch["enc"], tables, beam_size=5)
     ranks = evaluation.ranks_of(tables.items_of(codes_out), batch["target_item"])
     assert evaluation.recall_ndcg(ranks, ks=(1,))["recall@1"] == 1.0
 
@@ -659,20 +861,29 @@ def beauty_slice(tmp_path_factory):
     return folder, out
 
 
-SMALL_RUN = ["--n_layer=2", "--d_model=64", "--n_head=2", "--head_dim=32", "--d_ff=256", "--batch_size=128",
-             "--dropout=0.0", "--lr=0.005", "--warmup_steps=20", "--eval_users=500", "--beam_size=10"]
+# the CPU default's model at a fraction of its steps; no input dropout, so that 300 steps learn
+SMALL_RUN = ["--batch_size=128", "--lr=0.005", "--warmup_steps=20", "--eval_users=500", "--beam_size=10",
+             "--item_dropout=0.0", "--user_dropout=0.0"]
+
+
+def run_args(beauty_slice, run, steps=40, every=20):
+    folder, out = beauty_slice
+    return [f"--dataset={folder}", f"--out_dir={out}", f"--run={run}", f"--max_steps={steps}",
+            f"--eval_every={every}", "--patience=9"] + SMALL_RUN
+
+
+def run_dir(beauty_slice, run):
+    return os.path.join(beauty_slice[1], "beauty1k", "rqvae", run)
 
 
 def test_end_to_end_on_a_beauty_slice(beauty_slice):
     # prepare (in the fixture) + train + evaluate on the dense Beauty slice: the trained model must rank
     # the held-out items better than recommending the most popular items to everyone
-    folder, out = beauty_slice
-    results = tiger.main([f"--dataset={folder}", f"--out_dir={out}", "--run=e2e", "--max_steps=300",
-                          "--eval_every=100"] + SMALL_RUN)
+    results = tiger.main(run_args(beauty_slice, "e2e", steps=300, every=100))
     for split in ("valid", "test"):
         assert results[split]["recall@10"] > 1.25 * results[split + "_most_popular"]["recall@10"] > 0
         assert results[split]["ndcg@10"] > 1.25 * results[split + "_most_popular"]["ndcg@10"]
-    best = os.path.join(out, "beauty1k", "rqvae", "e2e", "best.pt")
+    best = os.path.join(run_dir(beauty_slice, "e2e"), "best.pt")
     # the eval.py driver reproduces the test numbers from the saved checkpoint ...
     again = evaluation.main([f"--ckpt={best}"])
     assert again["recall@10"] == pytest.approx(results["test"]["recall@10"])
@@ -686,47 +897,204 @@ def test_end_to_end_on_a_beauty_slice(beauty_slice):
 
 
 def test_interrupted_run_resumes_to_the_same_result(beauty_slice, monkeypatch):
-    folder, out = beauty_slice
-    args = [f"--dataset={folder}", f"--out_dir={out}", "--max_steps=40", "--eval_every=20", "--patience=9"]
     # dropout draws random numbers, so resuming must restore the RNG; the weight average must be restored too
-    small = SMALL_RUN + ["--dropout=0.1", "--ema=0.9"]
-    whole = tiger.main(args + ["--run=whole"] + small)
+    small = ["--dropout=0.1", "--ema=0.9", "--item_dropout=0.1", "--user_dropout=0.3"]
+    whole = tiger.main(run_args(beauty_slice, "whole") + small)
+    real_save = tiger.save_checkpoint
 
-    real_save = tiger.save_atomic
-
-    def save_then_crash(obj, path):  # the process dies right after the first checkpoint
-        real_save(obj, path)
+    def save_then_crash(path, obj):  # the process dies right after the first checkpoint
+        real_save(path, obj)
         if path.endswith("ckpt.pt"):
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(tiger, "save_atomic", save_then_crash)
+    monkeypatch.setattr(tiger, "save_checkpoint", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
-        tiger.main(args + ["--run=cut"] + small)
-    monkeypatch.setattr(tiger, "save_atomic", real_save)
-    resumed = tiger.main(args + ["--run=cut", "--resume"] + small)
+        tiger.main(run_args(beauty_slice, "cut") + small)
+    monkeypatch.setattr(tiger, "save_checkpoint", real_save)
+    resumed = tiger.main(run_args(beauty_slice, "cut") + small + ["--resume"])
     assert resumed["test"] == whole["test"] and resumed["log"] == whole["log"]
-    a = torch.load(os.path.join(out, "beauty1k", "rqvae", "whole", "ckpt.pt"), weights_only=True)["model"]
-    b = torch.load(os.path.join(out, "beauty1k", "rqvae", "cut", "ckpt.pt"), weights_only=True)["model"]
+    a = torch.load(os.path.join(run_dir(beauty_slice, "whole"), "ckpt.pt"), weights_only=True)["model"]
+    b = torch.load(os.path.join(run_dir(beauty_slice, "cut"), "ckpt.pt"), weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     # a resumed run with other settings is refused
-    with pytest.raises(data.InputError, match="different config"):
-        tiger.main(args + ["--run=cut", "--resume"] + small + ["--lr=0.1"])  # a later flag wins
-    # ... and so is a checkpoint from before an option existed, with a message that says so
-    ckpt = torch.load(os.path.join(out, "beauty1k", "rqvae", "cut", "ckpt.pt"), weights_only=True)
-    del ckpt["config"]["user_dropout"]
-    os.makedirs(os.path.join(out, "beauty1k", "rqvae", "old"))
-    tiger.save_atomic(ckpt, os.path.join(out, "beauty1k", "rqvae", "old", "ckpt.pt"))
-    with pytest.raises(data.InputError, match="older tiger.py, before the option.s. user_dropout existed"):
-        tiger.main(args + ["--run=old", "--resume"] + small)
+    with pytest.raises(data.InputError, match="other settings .lr."):
+        tiger.main(run_args(beauty_slice, "cut") + small + ["--resume", "--lr=0.1"])  # a later flag wins
 
 
-def test_corrupted_checkpoint_gives_a_clear_error(beauty_slice):
+# ==============================================================================================
+# What a user can get wrong: each fault is one clear line, and no earlier work is lost
+
+@pytest.fixture(scope="module")
+def trained(beauty_slice):
+    """A short finished run on the slice: its run folder."""
+    tiger.main(run_args(beauty_slice, "trained", steps=20))
+    return run_dir(beauty_slice, "trained")
+
+
+def test_a_checkpoint_is_scored_with_the_ids_it_was_trained_on(beauty_slice, trained, tmp_path):
+    import shutil
     folder, out = beauty_slice
-    run_dir = os.path.join(out, "beauty1k", "rqvae", "broken")
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "ckpt.pt"), "wb") as f:
-        f.write(b"PK\x03\x04 this is not a checkpoint")
+    shutil.copytree(out, tmp_path / "out")
+    best = str(tmp_path / "out" / "beauty1k" / "rqvae" / "trained" / "best.pt")
+    before = evaluation.main([f"--ckpt={best}", "--split=valid"])
+    # prepare.py rebuilds the IDs in place (other settings): the checkpoint still decodes with its own
+    prepare.main([f"--dataset={folder}", f"--out_dir={tmp_path / 'out'}", "--n_epochs=31"])
+    assert evaluation.main([f"--ckpt={best}", "--split=valid"]) == before
+    # and the run cannot go on with the new IDs
+    args = run_args(beauty_slice, "trained", steps=20)
+    args[1] = f"--out_dir={tmp_path / 'out'}"
+    with pytest.raises(data.InputError, match="Semantic IDs or data of this run changed after it started"):
+        tiger.main(args + ["--resume"])
+
+
+def test_a_second_run_with_the_same_name_is_refused(beauty_slice, trained):
+    before = {f: os.path.getmtime(os.path.join(trained, f)) for f in ("best.pt", "ckpt.pt", "metrics.json")}
+    with pytest.raises(data.InputError, match="holds an earlier run .*--resume.*--overwrite.*--run=NAME"):
+        tiger.main(run_args(beauty_slice, "trained", steps=20))
+    assert {f: os.path.getmtime(os.path.join(trained, f)) for f in before} == before   # untouched
+
+
+def test_overwrite_starts_a_run_over(beauty_slice):
+    tiger.main(run_args(beauty_slice, "again", steps=20))
+    log = tiger.main(run_args(beauty_slice, "again", steps=40) + ["--overwrite"])["log"]
+    assert [entry["step"] for entry in log] == [20, 40]     # a new run, not the old one continued
+
+
+def test_overwrite_that_fails_to_start_keeps_the_earlier_run(beauty_slice, trained):
+    before = {f: os.path.getmtime(os.path.join(trained, f)) for f in ("best.pt", "ckpt.pt", "metrics.json")}
+    with pytest.raises(data.InputError, match="prepare.py"):                  # no lsh IDs: cannot start
+        tiger.main(run_args(beauty_slice, "trained", steps=20) + ["--overwrite", "--ids=lsh"])
+    with pytest.raises(data.InputError, match="give one of them"):
+        tiger.main(run_args(beauty_slice, "trained", steps=20) + ["--overwrite", "--resume"])
+    assert {f: os.path.getmtime(os.path.join(trained, f)) for f in before} == before
+
+
+def test_eval_scores_the_weight_average_that_was_validated(beauty_slice):
+    results = tiger.main(run_args(beauty_slice, "averaged", steps=20) + ["--ema=0.9"])
+    folder = run_dir(beauty_slice, "averaged")
+    from_ckpt = evaluation.main([f"--ckpt={os.path.join(folder, 'ckpt.pt')}", "--split=valid"])
+    assert from_ckpt == results["valid"]          # ckpt.pt's average = best.pt's model (one evaluation)
+
+
+def test_two_live_runs_never_share_a_folder(beauty_slice):
+    folder = run_dir(beauty_slice, "busy")
+    with data.folder_lock(folder):                          # another run is writing this folder
+        with pytest.raises(data.InputError, match="in use by another running process"):
+            tiger.main(run_args(beauty_slice, "busy", steps=20))
+    assert sorted(os.listdir(folder)) == [".lock"]
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "../x", "a/b", ".hidden"])
+def test_a_run_name_cannot_escape_its_folder(beauty_slice, name):
+    with pytest.raises(data.InputError, match="run must be a plain folder name"):
+        tiger.main(run_args(beauty_slice, name))
+
+
+@pytest.mark.parametrize("flag, expected", [
+    ("--grad_clip=0.0", "grad_clip must be in"), ("--grad_clip=-1.0", "grad_clip must be in"),
+    ("--lr=1e9", "lr must be in"), ("--lr=0.0", "lr must be in"), ("--weight_decay=-0.1", "weight_decay"),
+    ("--user_dropout=1.0", "user_dropout must be in"), ("--beam_size=5", "beam_size must be in"),
+    ("--seed=-1", "seed must be in"), ("--softmax=sparse", "softmax must be one of level, full"),
+    ("--ids=hash", "ids must be one of"), ("--n_head=0", "n_head must be in"),
+])
+def test_out_of_range_settings_are_refused_before_any_work(beauty_slice, flag, expected):
+    with pytest.raises(data.InputError, match=expected):
+        tiger.main(run_args(beauty_slice, "refused") + [flag])
+    assert not os.path.exists(run_dir(beauty_slice, "refused"))
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(beauty_slice, monkeypatch):
+    real_step = tiger.train_step
+
+    def step_that_blows_up(model, opt, batch, step, *args):
+        if step == 25:                                       # the weights turn to NaN mid-run
+            with torch.no_grad():
+                next(model.parameters()).fill_(float("nan"))
+        return real_step(model, opt, batch, step, *args)
+    monkeypatch.setattr(tiger, "train_step", step_that_blows_up)
+    with pytest.raises(data.InputError, match="training loss became nan at step 40"):
+        tiger.main(run_args(beauty_slice, "nan", steps=60))
+    for name in ("ckpt.pt", "best.pt"):
+        ckpt = torch.load(os.path.join(run_dir(beauty_slice, "nan"), name), weights_only=True)
+        assert ckpt["step"] == 20 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_missing_ids_say_how_to_build_them_with_the_users_options(beauty_slice):
+    folder, out = beauty_slice
+    with pytest.raises(data.InputError, match=f"run `python prepare.py --dataset={folder} --ids=lsh "
+                                              f"--out_dir={out}`"):
+        tiger.main(run_args(beauty_slice, "nolsh") + ["--ids=lsh"])
+
+
+def test_resuming_from_the_wrong_kind_of_checkpoint_is_refused(beauty_slice, trained):
+    import shutil
+    folder = run_dir(beauty_slice, "wrongkind")
+    os.makedirs(folder)
+    shutil.copy(os.path.join(trained, "best.pt"), os.path.join(folder, "ckpt.pt"))  # no optimizer state
+    with pytest.raises(data.InputError, match="not a training checkpoint .ckpt.pt. to resume; it lacks"):
+        tiger.main(run_args(beauty_slice, "wrongkind", steps=20) + ["--resume"])
+    with pytest.raises(data.InputError, match="no .* to continue"):
+        tiger.main(run_args(beauty_slice, "neverrun", steps=20) + ["--resume"])
+
+
+@pytest.mark.parametrize("edit", ["settings", "model_config", "codes"])
+def test_a_hand_edited_checkpoint_is_refused(trained, tmp_path, edit):
+    ckpt = torch.load(os.path.join(trained, "best.pt"), weights_only=True)
+    if edit == "settings":
+        ckpt["settings"]["d_model"] = 32
+    elif edit == "model_config":
+        ckpt["model_config"]["levels"] = ckpt["model_config"]["levels"][:2]
+    else:
+        ckpt["codes"] = ckpt["codes"][:, :3]
+    torch.save(ckpt, tmp_path / "best.pt")
+    with pytest.raises(data.InputError, match="inconsistent"):
+        evaluation.main([f"--ckpt={tmp_path / 'best.pt'}"])
+
+
+def test_a_checkpoint_from_an_older_tiger_py_says_so(trained, tmp_path):
+    ckpt = torch.load(os.path.join(trained, "best.pt"), weights_only=True)
+    old = {"model": ckpt["model"], "config": ckpt["settings"], "step": ckpt["step"]}  # the old layout
+    torch.save(old, tmp_path / "best.pt")
+    with pytest.raises(data.InputError, match="written by an older tiger.py .it lacks codes, ids_fingerprint"):
+        evaluation.main([f"--ckpt={tmp_path / 'best.pt'}"])
+
+
+@pytest.mark.parametrize("protocol", [2, pickle.DEFAULT_PROTOCOL])
+def test_a_pickle_that_would_run_code_is_refused_and_not_run(tmp_path, protocol):
+    class Exploit:
+        def __reduce__(self):
+            return os.system, (f"touch {tmp_path / 'pwned'}",)
+    with open(tmp_path / "best.pt", "wb") as f:
+        pickle.dump({"model": Exploit()}, f, protocol=protocol)
+    named = r" \(\w+\.system\)" if protocol == 2 else ""   # torch names the callable it met, if it got that far
+    with pytest.raises(data.InputError, match=f"refused to load .* unpickling it would run code{named}; only"):
+        evaluation.main([f"--ckpt={tmp_path / 'best.pt'}"])
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_a_corrupt_checkpoint_is_one_clear_error(tmp_path):
+    (tmp_path / "best.pt").write_bytes(b"PK\x03\x04 this is not a checkpoint")
     with pytest.raises(data.InputError, match="corrupt or not a nanoTIGER checkpoint"):
-        tiger.main([f"--dataset={folder}", f"--out_dir={out}", "--run=broken", "--resume"])
-    with pytest.raises(data.InputError, match="bad config: lr must be > 0"):
-        tiger.main([f"--dataset={folder}", f"--out_dir={out}", "--lr=-1"])
+        evaluation.main([f"--ckpt={tmp_path / 'best.pt'}"])
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--demo=100000"], "--demo=100000, but the test split has only"),
+    (["--beam_size=5"], "--beam_size must be >= 10"),
+    (["--split=train"], "split must be one of valid, test"),
+])
+def test_eval_options_out_of_range_are_one_clear_error(trained, flags, expected):
+    with pytest.raises(data.InputError, match=expected):
+        evaluation.main([f"--ckpt={os.path.join(trained, 'best.pt')}"] + flags)
+
+
+@pytest.mark.parametrize("script, args", [
+    ("tiger.py", ["--lr=-1"]),
+    ("tiger.py", ["--out_dir=test_all.py"]),               # an output folder that cannot be created
+    ("eval.py", ["--ckpt=no/such/best.pt"]),
+    ("prepare.py", ["--codebook_size=1"]),
+])
+def test_the_command_line_shows_a_fault_as_one_line(script, args):
+    out = subprocess.run([sys.executable, script] + args, cwd=HERE, capture_output=True, text=True)
+    assert out.returncode == 1 and out.stderr.startswith("error: ") and "Traceback" not in out.stderr
+    assert out.stderr.count("\n") == 1

@@ -1,8 +1,8 @@
 # The RQ-VAE exactly as the paper trains it (Sec. 4, "RQ-VAE Implementation Details"): Adagrad with
 # learning rate 0.4 for 20k epochs, no dead-code reset. Meant for a GPU (about 240k steps):
 #   python prepare.py config/rqvae_paper.py
-# On our CPU tests this optimizer setting diverged within 20 epochs (see README); it is here so the
-# paper's recipe can be run as written.
+# In our CPU test this optimizer setting diverged within 20 epochs (results/README.md); it is here so
+# the paper's recipe can be run as written.
 optimizer = 'adagrad'
 lr = 0.4
 n_epochs = 20000
