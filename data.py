@@ -262,20 +262,22 @@ class Tokenizer:
 # median user has 6 items), so the encoder reads far fewer tokens than at a fixed length of 81.
 
 def make_batch(examples, idx, tokenizer, user_tok):
-    """Tensors for the examples at positions idx. user_tok: (n_users,) token of each user (precomputed).
+    """Tensors for the examples at positions idx. user_tok: (n_users,) token of each user
+    (precomputed), or None for an encoder input without the user token (paper Table 8).
 
-    Returns a dict: enc (B, 1+L*n) encoder tokens, dec_in (B, L), target (B, L) tokens,
-    target_item (B,) item ids, with n = the longest history in this batch."""
+    Returns a dict: enc (B, 1+L*n) encoder tokens (L*n without the user), dec_in (B, L), target
+    (B, L) tokens, target_item (B,) item ids, with n = the longest history in this batch."""
     idx = np.asarray(idx)
     n = int(examples.length[idx].max())
     hist = torch.from_numpy(examples.history[idx, :n])                  # (B, n) item ids, 0 = pad
-    hist_tok = tokenizer.item_tokens[hist].flatten(1)                   # (B, n*L); pad items -> PAD tokens
-    user = user_tok[torch.from_numpy(examples.user[idx])].unsqueeze(1)  # (B, 1)
+    enc = tokenizer.item_tokens[hist].flatten(1)                        # (B, n*L); pad items -> PAD tokens
+    if user_tok is not None:
+        user = user_tok[torch.from_numpy(examples.user[idx])].unsqueeze(1)  # (B, 1)
+        enc = torch.cat([user, enc], dim=1)
     target_item = torch.from_numpy(examples.target[idx])
     target = tokenizer.item_tokens[target_item]                         # (B, L)
     dec_in = torch.cat([torch.full_like(target[:, :1], BOS), target[:, :-1]], dim=1)
-    return {"enc": torch.cat([user, hist_tok], dim=1), "dec_in": dec_in, "target": target,
-            "target_item": target_item}
+    return {"enc": enc, "dec_in": dec_in, "target": target, "target_item": target_item}
 
 
 def epoch_batches(examples, batch_size, seed, by_length=False, pool=64):

@@ -12,7 +12,10 @@ Drivers after the functions (they load a checkpoint written by tiger.py):
   python eval.py --ckpt=out/beauty/rqvae/tiger/best.pt [--split=test] [--constrained=False]
   python eval.py --ckpt=... --demo=3      # 3 users' histories and their top-10 with titles and IDs
   python eval.py --ckpt=... --split=valid --beam_size=80   # the same checkpoint, a wider beam
+  python eval.py --report=out             # every finished run under out/, as Markdown tables
 """
+import json
+import os
 import sys
 
 import numpy as np
@@ -56,9 +59,13 @@ def invalid_rate(items):
 
 def metrics(items, targets, invalid=False):
     """items: (N, K) ranked item ids (0 = no item), targets: (N,). Recall and NDCG at every K of KS
-    the ranking is long enough for, and (invalid=True) the invalid-ID rate."""
+    the ranking is long enough for, and (invalid=True) the invalid-ID rate of the top K for
+    K = 1, 5, 10, 20 (the points of Fig. 6 we report) and of the whole ranking."""
     out = recall_ndcg(ranks_of(items, targets), [k for k in KS if k <= items.shape[1]])
     if invalid:
+        for k in (1, 5, 10, 20):
+            if k <= items.shape[1]:
+                out[f"invalid@{k}"] = invalid_rate(items[:, :k])
         out["invalid_rate"] = invalid_rate(items)
     return out
 
@@ -88,6 +95,84 @@ def print_table(results, name):
 
 
 # ----------------------------------------------------------------------------------------------
+# The results report: every finished run under an out/ folder, collected and set beside the
+# paper's Table 1, with where each number came from (command, commit, machine, wall time).
+
+METRIC_KEYS = ("recall@5", "ndcg@5", "recall@10", "ndcg@10")
+# settings that say where or how fast a run went, not what it computed
+NOT_RECIPE = ("run", "out_dir", "resume", "overwrite", "device", "eval_batch_size", "bench", "dataset",
+              "ids", "seed")
+
+
+def collect_runs(out_dir):
+    """Every finished run under out_dir: a run folder holds config.json (its settings) and
+    metrics.json (what tiger.py measured). Returns a list of dicts {folder, settings, metrics}; a
+    file that is not what tiger.py writes is an error naming it."""
+    runs = []
+    for folder, _, files in sorted(os.walk(out_dir)):
+        if "metrics.json" not in files:
+            continue
+        loaded = {}
+        for name in ("config.json", "metrics.json"):
+            path = os.path.join(folder, name)
+            try:
+                with open(path, encoding="utf-8") as f:
+                    loaded[name] = json.load(f)
+                if name == "metrics.json":
+                    test = loaded[name]["test"]
+                    assert all(isinstance(test[k], float) for k in METRIC_KEYS)
+                    assert isinstance(loaded[name]["wall_s"], (int, float))
+                else:
+                    assert {"dataset", "ids", "seed"} <= set(loaded[name])
+            except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
+                raise data.InputError(f"{path} is not a finished run's {name} ({type(e).__name__}); "
+                                      f"rerun that run or move it out of {out_dir}") from None
+        runs.append({"folder": folder, "settings": loaded["config.json"], "metrics": loaded["metrics.json"]})
+    return runs
+
+
+def recipe(settings, defaults):
+    """A run's recipe in a few words: its settings that differ from the defaults."""
+    changed = [f"{k}={v}" for k, v in sorted(settings.items())
+               if k not in NOT_RECIPE and k in defaults and v != defaults[k]]
+    return " ".join(changed) or "default"
+
+
+def mean_se(values):
+    """'mean' for one value, 'mean ± standard error' for several."""
+    m = float(np.mean(values))
+    if len(values) < 2:
+        return f"{m:.4f}"
+    return f"{m:.4f} ± {float(np.std(values, ddof=1)) / np.sqrt(len(values)):.4f}"
+
+
+def report_tables(runs, defaults):
+    """Markdown: one row per (dataset, ids, recipe), its seeds averaged (mean ± standard error),
+    the paper's Table 1 beside the default recipe; then every run with its provenance."""
+    groups = {}
+    for r in runs:
+        s = r["settings"]
+        key = (data.dataset_name(s["dataset"]), s["ids"], recipe(s, defaults))
+        groups.setdefault(key, []).append(r)
+    lines = ["| dataset | IDs | recipe | seeds | Recall@5 | NDCG@5 | Recall@10 | NDCG@10 | most popular R@10 |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for (name, ids, rec), members in sorted(groups.items()):
+        cells = [mean_se([m["metrics"]["test"][k] for m in members]) for k in METRIC_KEYS]
+        popular = members[0]["metrics"].get("test_most_popular", {}).get("recall@10", float("nan"))
+        lines.append(f"| {name} | {ids} | {rec} | {len(members)} | " + " | ".join(cells) + f" | {popular:.4f} |")
+        if ids == "rqvae" and rec == "default" and name in PAPER:
+            lines.append(f"| {name} | paper, Table 1 | | | " + " | ".join(f"{v:.4f}" for v in PAPER[name]) + " | |")
+    lines += ["", "| run | test Recall@10 | best step | wall | commit | machine | command |", "|---|---|---|---|---|---|---|"]
+    for r in runs:
+        m, p = r["metrics"], r["metrics"].get("provenance", {})
+        machine = f"{p.get('machine', '?')}, {p.get('threads', '?')} threads" if p else "?"
+        lines.append(f"| {r['folder']} | {m['test']['recall@10']:.4f} | {m.get('best_step', '?')} | "
+                     f"{m['wall_s'] / 60:.1f} min | {p.get('commit', '?')} | {machine} | "
+                     f"`{p.get('command', '?')}` |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
 # Drivers: score a checkpoint, or show what it recommends. A checkpoint carries its model config
 # and the Semantic-ID table it was trained on, so it is scored with exactly those IDs, even if
 # prepare.py has rebuilt out/<dataset>/<ids>/ since.
@@ -97,6 +182,7 @@ split = "test"            # valid | test
 constrained = True        # False: unconstrained beam search, and report the invalid-ID rate (Fig. 6)
 demo = 0                  # > 0: print this many users' histories and top-10 instead of the metrics
 beam_size = 0             # >= 10: decode with this many beams instead of the checkpoint's; 0: its own
+report = ""               # a folder: print the results tables of every finished run under it
 DEFAULTS = data.settings(globals())
 RANGES = {"split": ("valid", "test"), "demo": "[0, inf)", "beam_size": "[0, inf)"}
 
@@ -118,6 +204,14 @@ def main(argv):
     import tiger
     config = data.configure(DEFAULTS, argv)
     data.check_settings(config, RANGES)
+    if config["report"]:
+        if not os.path.isdir(config["report"]):
+            raise data.InputError(f"--report={config['report']}: no such folder")
+        runs = collect_runs(config["report"])
+        if not runs:
+            raise data.InputError(f"no finished run under {config['report']} (a run folder has metrics.json)")
+        print(report_tables(runs, tiger.DEFAULTS))
+        return runs
     if 0 < config["beam_size"] < 10:
         raise data.InputError(f"--beam_size must be >= 10 (the metrics go up to K = 10), or 0 for the "
                               f"checkpoint's own (got {config['beam_size']})")
@@ -133,7 +227,7 @@ def main(argv):
     examples = valid if config["split"] == "valid" else test
     beam = config["beam_size"] or run["beam_size"]
     tables = tiger.PrefixTables(tokenizer, dev)
-    user_tok = tokenizer.user_tokens(ds.users)
+    user_tok = tokenizer.user_tokens(ds.users) if run["user_token"] else None
     autocast = tiger.make_autocast(dev, run["precision"])
     how = f"{'constrained' if config['constrained'] else 'unconstrained'} beam search, beam {beam}"
     if config["demo"] > 0:

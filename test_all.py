@@ -800,6 +800,34 @@ def test_metrics_against_hand_computed_values():
     assert set(evaluation.metrics(ranked, targets)) == {"recall@5", "ndcg@5"}
 
 
+def test_invalid_id_rate_per_k_on_hand_made_decoded_ids():
+    # 2 users, 20 decoded IDs each, 0 = an ID that is no item (Fig. 6 plots this share against K)
+    items = torch.arange(1, 41).view(2, 20)
+    items[0, 0] = items[0, 7] = items[1, 12] = items[1, 19] = 0
+    m = evaluation.metrics(items, torch.tensor([5, 99]), invalid=True)
+    assert m["invalid@1"] == 0.5 and m["invalid@5"] == 0.1                  # 1 of 2, 1 of 10
+    assert m["invalid@10"] == 0.1 and m["invalid@20"] == 0.1                 # 2 of 20, 4 of 40
+    assert m["invalid_rate"] == 0.1 and m["recall@5"] == 0.5                 # user 0 finds item 5
+
+
+def test_without_the_user_token_the_encoder_reads_the_history_alone():
+    tok = data.Tokenizer(np.array([[0, 1, 0, 0], [2, 1, 3, 0], [2, 1, 3, 1]]))
+    ex = data.Examples(user=np.array([0, 1]), history=np.array([[1, 0], [3, 2]]),
+                       length=np.array([1, 2]), target=np.array([2, 1]), position=np.array([1, 2]))
+    with_user = data.make_batch(ex, [0, 1], tok, tok.user_tokens(["a", "b"]))
+    without = data.make_batch(ex, [0, 1], tok, None)
+    assert torch.equal(without["enc"], with_user["enc"][:, 1:])             # the same, minus column 0
+    assert not (without["enc"] >= tok.user_offset).any()                    # no user token anywhere
+    # item dropout without a user token never leaves an example with nothing to read
+    torch.manual_seed(0)
+    enc = torch.randint(2, 59, (400, 4))                                     # one item each
+    dropped = tiger.drop_input_tokens(enc, 4, item_dropout=0.9, user_dropout=0.0, user_token=False)
+    assert torch.equal(dropped, enc)
+    enc = torch.randint(2, 59, (400, 8))                                     # two items each
+    dropped = tiger.drop_input_tokens(enc, 4, item_dropout=0.5, user_dropout=0.0, user_token=False)
+    assert ((dropped != data.PAD).any(1)).all() and (dropped == data.PAD).any()
+
+
 def test_tiny_model_overfits_tiny_dataset_to_recall_at_1():
     codes = tiny_codes()
     tok = data.Tokenizer(codes, n_user_buckets=10)
@@ -921,6 +949,40 @@ def test_interrupted_run_resumes_to_the_same_result(beauty_slice, monkeypatch):
         tiger.main(run_args(beauty_slice, "cut") + small + ["--resume", "--lr=0.1"])  # a later flag wins
 
 
+def write_run(folder, dataset, seed, recall10, ids="rqvae", **settings):
+    os.makedirs(folder, exist_ok=True)
+    data.write_json(os.path.join(folder, "config.json"), {**tiger.DEFAULTS, "dataset": dataset, "ids": ids,
+                                                         "seed": seed, **settings})
+    test = {"recall@5": recall10 / 2, "ndcg@5": recall10 / 4, "recall@10": recall10, "ndcg@10": recall10 / 3}
+    data.write_json(os.path.join(folder, "metrics.json"), {
+        "test": test, "test_most_popular": {"recall@10": 0.0114}, "wall_s": 600.0, "best_step": 12000,
+        "provenance": {"command": "python tiger.py", "commit": "abc1234", "machine": "AMD EPYC", "threads": 2}})
+
+
+def test_report_sets_every_finished_run_beside_the_paper(tmp_path, capsys):
+    out = tmp_path / "out"
+    write_run(out / "beauty" / "rqvae" / "tiger", "beauty", 1337, 0.0490)
+    write_run(out / "beauty" / "rqvae" / "seed1", "beauty", 1, 0.0500)
+    write_run(out / "beauty" / "rqvae" / "nouser", "beauty", 1337, 0.0400, user_token=False, user_dropout=0.0)
+    write_run(out / "toys" / "lsh" / "tiger", "toys", 1337, 0.0300, ids="lsh")
+    (out / "beauty" / "rqvae").mkdir(exist_ok=True)                          # an ID folder: not a run
+    evaluation.main([f"--report={out}"])
+    table = capsys.readouterr().out
+    # two seeds of the default: mean 0.0495, standard error 0.0005 (std 0.000707 / sqrt 2)
+    assert "| beauty | rqvae | default | 2 | 0.0248 ± 0.0003 | 0.0124 ± 0.0001 | 0.0495 ± 0.0005 |" in table
+    assert "| beauty | paper, Table 1 | | | 0.0454 | 0.0321 | 0.0648 | 0.0384 | |" in table
+    assert "| beauty | rqvae | user_dropout=0.0 user_token=False | 1 | 0.0200 |" in table
+    assert "| toys | lsh | default | 1 | 0.0150 |" in table and "| toys | paper" not in table
+    assert "| 10.0 min | abc1234 | AMD EPYC, 2 threads | `python tiger.py` |" in table
+
+
+def test_report_refuses_a_malformed_run_naming_the_file(tmp_path):
+    write_run(tmp_path / "beauty" / "rqvae" / "tiger", "beauty", 1337, 0.0490)
+    (tmp_path / "beauty" / "rqvae" / "tiger" / "metrics.json").write_text('{"test": {"recall@10": "high"}}')
+    with pytest.raises(data.InputError, match=r"tiger/metrics.json is not a finished run's metrics.json"):
+        evaluation.main([f"--report={tmp_path}"])
+
+
 # ==============================================================================================
 # What a user can get wrong: each fault is one clear line, and no earlier work is lost
 
@@ -996,10 +1058,11 @@ def test_a_run_name_cannot_escape_its_folder(beauty_slice, name):
     ("--user_dropout=1.0", "user_dropout must be in"), ("--beam_size=5", "beam_size must be in"),
     ("--seed=-1", "seed must be in"), ("--softmax=sparse", "softmax must be one of level, full"),
     ("--ids=hash", "ids must be one of"), ("--n_head=0", "n_head must be in"),
+    ("--user_token=False --user_dropout=0.5", "user_dropout hides the user token"),
 ])
 def test_out_of_range_settings_are_refused_before_any_work(beauty_slice, flag, expected):
     with pytest.raises(data.InputError, match=expected):
-        tiger.main(run_args(beauty_slice, "refused") + [flag])
+        tiger.main(run_args(beauty_slice, "refused") + flag.split())
     assert not os.path.exists(run_dir(beauty_slice, "refused"))
 
 

@@ -39,7 +39,7 @@ import eval as evaluation  # eval.py: the metrics ("eval" would shadow the built
 # Steps count from 0 inside the training loop; "step N" in logs and checkpoints means N steps done.
 dataset = "beauty"        # beauty | sports | toys, or a dataset folder
 ids = "rqvae"             # which Semantic IDs (prepare.py --ids): rqvae | rqkmeans | lsh | random
-out_dir = "out"           # prepare.py wrote out/<dataset>/<ids>/; this run writes out/<dataset>/<ids>/<run>/
+out_dir = "out"           # the IDs are in out/<dataset>/<ids>/, this run goes to .../<ids>/<run>/
 run = "tiger"             # name of this run's folder (letters, digits, . _ -)
 overwrite = False         # start over in a run folder that holds an earlier run (else: an error)
 resume = False            # continue the run in <run folder>/ckpt.pt
@@ -54,6 +54,7 @@ dropout = 0.0             # paper: 0.1, where T5 drops: embeddings, sublayer out
 softmax = "level"         # level: decoder position l scores only level l's codes (a softmax over ~256)
                           # full: T5's softmax over the whole vocabulary (T5X, so the paper)
 n_user_buckets = 2000     # paper: 2,000 hashed user tokens (Sec. 4)
+user_token = True         # the encoder reads the user token first (Sec. 4); False: Table 8's ablation
 # input dropout, training only (beyond the paper, which uses neither)
 item_dropout = 0.15       # hide each history item (all its L tokens) with this probability
 user_dropout = 0.5        # hide the user token with this probability
@@ -102,6 +103,9 @@ def validate_settings(settings):
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", settings["run"]):
         raise data.InputError(f"bad config: run must be a plain folder name of letters, digits, '.', "
                               f"'_' or '-', not starting with '.' (got {settings['run']!r})")
+    if settings["user_dropout"] > 0 and not settings["user_token"]:
+        raise data.InputError("bad config: user_dropout hides the user token, but user_token=False "
+                              "leaves it out altogether; set --user_dropout=0")
     if settings["resume"] and settings["overwrite"]:
         raise data.InputError("bad config: --resume continues a run and --overwrite starts it over; "
                               "give one of them")
@@ -253,8 +257,8 @@ class Block(nn.Module):
         if cross:
             self.norm_cross, self.cross_attn = RMSNorm(d), Attention(config)
         self.norm_mlp = RMSNorm(d)
-        self.mlp = nn.Sequential(nn.Linear(d, config.d_ff, bias=False), nn.ReLU(), nn.Dropout(config.dropout),
-                                 nn.Linear(config.d_ff, d, bias=False))
+        self.mlp = nn.Sequential(nn.Linear(d, config.d_ff, bias=False), nn.ReLU(),
+                                 nn.Dropout(config.dropout), nn.Linear(config.d_ff, d, bias=False))
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, self_bias, memory=None, cross_bias=None, cache=None):
@@ -452,19 +456,22 @@ def evaluate(model, examples, tokenizer, user_tok, tables, beam_size, batch_size
 # 4. Training: teacher forcing on the L codes of each target item, model selection on validation,
 # the test split read once at the end.
 
-def drop_input_tokens(enc, id_length, item_dropout, user_dropout):
+def drop_input_tokens(enc, id_length, item_dropout, user_dropout, user_token=True):
     """Input dropout (beyond the paper), training only. enc: (B, 1 + n*L) encoder tokens
-    [user, item_1 codes, ..., item_n codes]. Each history item is replaced by PAD tokens with
-    probability item_dropout, and the user token with probability user_dropout (but never where
-    no history token is left); attention already skips PAD keys, so the token simply vanishes from
-    that example. One random number per item and per example, not per activation."""
+    [user, item_1 codes, ..., item_n codes] ((B, n*L) without the user token). Each history item
+    is replaced by PAD tokens with probability item_dropout, and the user token with probability
+    user_dropout; attention already skips PAD keys, so the token simply vanishes from that example.
+    One random number per item and per example, not per activation. An example always keeps one
+    real token: an encoder with no key at all has nothing to attend to (a softmax over an empty
+    set is NaN)."""
     B, T = enc.shape
-    hidden = torch.rand(B, (T - 1) // id_length, device=enc.device) < item_dropout  # (B, n) a draw per item
-    hidden = F.pad(hidden.repeat_interleave(id_length, dim=1), (1, 0))              # (B, T), user kept
+    u = int(user_token)                                                # leading user column or none
+    hidden = torch.rand(B, (T - u) // id_length, device=enc.device) < item_dropout  # (B, n) a draw per item
+    hidden = F.pad(hidden.repeat_interleave(id_length, dim=1), (u, 0))              # (B, T), user kept
+    keeps_history = ((enc != data.PAD) & ~hidden)[:, u:].any(1)                     # (B,)
+    if not user_token:  # the history is all there is: a row that would lose every item keeps them
+        return enc.masked_fill(hidden & keeps_history[:, None], data.PAD)
     if user_dropout > 0:  # (no draw when off, so runs without it keep their random stream)
-        # the user token goes only where a real history token stays: an encoder with no key at all
-        # has nothing to attend to (a softmax over an empty set is NaN)
-        keeps_history = ((enc != data.PAD) & ~hidden)[:, 1:].any(1)                 # (B,)
         hidden[:, 0] = (torch.rand(B, device=enc.device) < user_dropout) & keeps_history
     return enc.masked_fill(hidden, data.PAD)
 
@@ -486,8 +493,9 @@ def make_optimizer(model, settings):
     # norms' scales (the only 1-d parameters)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": settings["weight_decay"]},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=settings["lr"], betas=(0.9, 0.98))
+    groups = [{"params": decay, "weight_decay": settings["weight_decay"]},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=settings["lr"], betas=(0.9, 0.98))
 
 
 @torch.no_grad()
@@ -507,7 +515,8 @@ def train_step(model, opt, batch, step, settings, dev, autocast):
         group["lr"] = get_lr(step, s["lr"], s["warmup_steps"], s["max_steps"], s["schedule"])
     enc = batch["enc"].to(dev)
     if s["item_dropout"] > 0 or s["user_dropout"] > 0:
-        enc = drop_input_tokens(enc, batch["target"].shape[1], s["item_dropout"], s["user_dropout"])
+        enc = drop_input_tokens(enc, batch["target"].shape[1], s["item_dropout"], s["user_dropout"],
+                                s["user_token"])
     with autocast():
         _, loss = model(enc, batch["dec_in"].to(dev), batch["target"].to(dev))
     opt.zero_grad(set_to_none=True)
@@ -630,14 +639,19 @@ def train(s, run_dir, argv=()):
         ckpt = load_checkpoint(ckpt_path, for_resume=True)
         # where the run lives and how fast it is scored may change; what it trains may not
         bookkeeping = ("resume", "overwrite", "out_dir", "device", "eval_batch_size", "bench")
-        changed = [k for k in s if k not in bookkeeping and ckpt["settings"].get(k) != s[k]]
+        newer = [k for k in s if k not in bookkeeping and k not in ckpt["settings"]]
+        if newer:
+            raise data.InputError(f"--resume: {ckpt_path} was written before the option(s) "
+                                  f"{', '.join(newer)} existed, so it cannot be resumed; start afresh "
+                                  f"(eval.py can still score its best.pt)")
+        changed = [k for k in s if k not in bookkeeping and ckpt["settings"][k] != s[k]]
         if changed:
             raise data.InputError(f"--resume: {ckpt_path} was trained with other settings "
                                   f"({', '.join(changed)}); resume with the same settings, or start afresh")
     elif earlier and not s["bench"] and not s["overwrite"]:
-        raise data.InputError(f"{run_dir} holds an earlier run ({', '.join(map(os.path.basename, earlier))}); "
-                              f"continue it with --resume, start it over with --overwrite, or name a "
-                              f"new run with --run=NAME")
+        names = ", ".join(os.path.basename(f) for f in earlier)
+        raise data.InputError(f"{run_dir} holds an earlier run ({names}); continue it with --resume, start "
+                              f"it over with --overwrite, or name a new run with --run=NAME")
 
     dev = data.pick_device(s["device"])
     provenance = data.provenance("tiger.py", list(argv), dev)  # the code as it is now, at the start
@@ -647,10 +661,10 @@ def train(s, run_dir, argv=()):
     if ckpt is not None and ckpt["ids_fingerprint"] != fingerprint:
         raise data.InputError(f"--resume: the Semantic IDs or data of this run changed after it started "
                               f"(prepare.py rebuilt {os.path.dirname(run_dir)}, or the dataset changed); "
-                              f"it cannot go on with them. Score it with `python eval.py --ckpt={best_path}` "
-                              f"(it keeps its own IDs), or start a new run")
+                              f"it cannot go on with them. Score it with `python eval.py "
+                              f"--ckpt={best_path}` (it keeps its own IDs), or start a new run")
     tokenizer = data.Tokenizer(codes, s["n_user_buckets"])
-    user_tok = tokenizer.user_tokens(ds.users)
+    user_tok = tokenizer.user_tokens(ds.users) if s["user_token"] else None   # (n_users,) or none
     tables = PrefixTables(tokenizer, dev)
     train_ex, valid, test = data.split(ds)
     torch.manual_seed(s["seed"])
@@ -660,8 +674,8 @@ def train(s, run_dir, argv=()):
         model.load_state_dict(ckpt["model"])
     autocast = make_autocast(dev, s["precision"])
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"TIGER on {ds.name} ({s['ids']} IDs of length {tokenizer.id_length}, vocab {tokenizer.vocab_size}): "
-          f"{n_params / 1e6:.2f}M parameters, device {dev}, "
+    print(f"TIGER on {ds.name} ({s['ids']} IDs of length {tokenizer.id_length}, vocab "
+          f"{tokenizer.vocab_size}): {n_params / 1e6:.2f}M parameters, device {dev}, "
           f"{'float32' if autocast is contextlib.nullcontext else 'bf16 autocast'}")
     print(f"examples: {len(train_ex):,} train, {len(valid):,} valid, {len(test):,} test")
     opt = make_optimizer(model, s)
@@ -712,9 +726,9 @@ def train(s, run_dir, argv=()):
         # a non-finite loss or weight stops the run before anything non-finite is saved
         if (step % 20 == 0 or evaluate_now) and not (math.isfinite(loss.item()) and all_finite(model)):
             kept = f"{ckpt_path} keeps the state of step {log[-1]['step']}" if log else "nothing was saved"
-            raise data.InputError(f"the training loss became {loss.item()} at step {step + 1} (or the weights "
-                                  f"stopped being finite); the run stops here and {kept}. Lower --lr or "
-                                  f"--grad_clip and start over with --overwrite")
+            raise data.InputError(f"the training loss became {loss.item()} at step {step + 1} (or the "
+                                  f"weights stopped being finite); the run stops here and {kept}. Lower "
+                                  f"--lr or --grad_clip and start over with --overwrite")
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}", ex_s=f"{seen / (time.time() - t_last):.0f}",
                             lr=f"{opt.param_groups[0]['lr']:.2e}")
@@ -724,8 +738,8 @@ def train(s, run_dir, argv=()):
             improved = metrics["recall@10"] > best
             best, bad_evals = (metrics["recall@10"], 0) if improved else (best, bad_evals + 1)
             log.append({"step": step + 1, "loss": loss.item(), **metrics})
-            tqdm.write(f"step {step + 1}: loss {loss.item():.3f}, valid recall@10 {metrics['recall@10']:.4f} "
-                       f"ndcg@10 {metrics['ndcg@10']:.4f}{' (best)' if improved else ''}")
+            tqdm.write(f"step {step + 1}: loss {loss.item():.3f}, valid recall@10 "
+                       f"{metrics['recall@10']:.4f} ndcg@10 {metrics['ndcg@10']:.4f}{' (best)' * improved}")
             if improved:
                 save_checkpoint(best_path, {**identity, "model": eval_model.state_dict(), "step": step + 1})
             save_checkpoint(ckpt_path, {

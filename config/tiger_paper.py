@@ -2,6 +2,7 @@
 #   python prepare.py && python tiger.py config/tiger_paper.py
 # 4 + 4 layers, 6 heads of 64, model dimension 128, MLP 1024, dropout 0.1, batch 256,
 # learning rate 0.01 for 10k steps then inverse square root decay, 200k steps, T5X's Adafactor.
+run = "paper"          # its own run folder, beside the CPU default's
 n_layer = 4
 n_head = 6
 head_dim = 64
