@@ -74,6 +74,18 @@ def dataset_name(name_or_dir):
     return os.path.basename(os.path.normpath(name_or_dir))
 
 
+def item_categories(items, depth=2):
+    """A category id per item id, (n_items + 1,) int64, -1 where unknown (and for item 0), and the
+    category names. items: Dataset.items. An item's category is its category path cut to `depth`
+    levels ('Makeup > Nails'); only Beauty ships category paths. The one definition of an item's
+    category here: the Semantic-ID statistics (Fig. 4) and Entropy@K (Table 3) both use it."""
+    paths = [it.get("categories") or [] for it in items]
+    paths = [" > ".join(p[:depth]) if len(p) >= depth else None for p in paths]
+    names = sorted({p for p in paths if p is not None})
+    index = {name: i for i, name in enumerate(names)}
+    return np.array([-1] + [index.get(p, -1) for p in paths], dtype=np.int64), names
+
+
 def load_dataset(name_or_dir):
     """Load one dataset: a name from DATASETS (read from data/<name>/) or a folder path."""
     folder = name_or_dir if os.path.isdir(name_or_dir) else os.path.join(DATA_DIR, name_or_dir)

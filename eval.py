@@ -12,6 +12,7 @@ Drivers after the functions (they load a checkpoint written by tiger.py):
   python eval.py --ckpt=out/beauty/rqvae/tiger/best.pt [--split=test] [--constrained=False]
   python eval.py --ckpt=... --demo=3      # 3 users' histories and their top-10 with titles and IDs
   python eval.py --ckpt=... --split=valid --beam_size=80   # the same checkpoint, a wider beam
+  python eval.py --temperature=1.5 --beam_size=50          # sampled top-50: diversity (Table 3)
   python eval.py --report=out             # every finished run under out/, as Markdown tables
 """
 import json
@@ -57,17 +58,57 @@ def invalid_rate(items):
     return (torch.as_tensor(items) == 0).double().mean().item()
 
 
-def metrics(items, targets, invalid=False):
+def metrics(items, targets, invalid=False, category=None):
     """items: (N, K) ranked item ids (0 = no item), targets: (N,). Recall and NDCG at every K of KS
-    the ranking is long enough for, and (invalid=True) the invalid-ID rate of the top K for
-    K = 1, 5, 10, 20 (the points of Fig. 6 we report) and of the whole ranking."""
+    the ranking is long enough for; (invalid=True) the invalid-ID rate of the top K for K = 1, 5,
+    10, 20 (the points of Fig. 6 we report) and of the whole ranking; (category given, see
+    entropy_at_k) Entropy@K, coverage@K and the Gini index at K = 10, 20, 50 (Table 3)."""
     out = recall_ndcg(ranks_of(items, targets), [k for k in KS if k <= items.shape[1]])
     if invalid:
         for k in (1, 5, 10, 20):
             if k <= items.shape[1]:
                 out[f"invalid@{k}"] = invalid_rate(items[:, :k])
         out["invalid_rate"] = invalid_rate(items)
+    if category is not None:
+        n_items = len(category) - 1
+        for k in (10, 20, 50):
+            if k <= items.shape[1]:
+                if (torch.as_tensor(category) >= 0).any():
+                    out[f"entropy@{k}"] = entropy_at_k(items, category, k)
+                out[f"coverage@{k}"] = coverage_at_k(items, n_items, k)
+                out[f"gini@{k}"] = gini_at_k(items, n_items, k)
     return out
+
+
+def entropy_at_k(items, category, k):
+    """Entropy@K (paper Sec. 4.3, Table 3): per user, the entropy (in nats) of the distribution of
+    the categories of the top-K recommended items, averaged over users. items: (N, >=K) item ids
+    (0 = none); category: (n_items + 1,) a category id per item id, -1 where unknown (those items
+    and item 0 are left out of the distribution; a user with none known is left out)."""
+    cats = torch.as_tensor(category)[torch.as_tensor(items)[:, :k]]          # (N, K)
+    n_cat = int(cats.max()) + 1
+    counts = torch.zeros(len(cats), max(n_cat, 1), dtype=torch.float64)
+    known = cats >= 0
+    counts.scatter_add_(1, cats.clamp(min=0), known.double())                # (N, n_cat)
+    total = counts.sum(1, keepdim=True)
+    p = counts / total.clamp(min=1)
+    h = -(p * torch.log(p.clamp(min=1e-300))).sum(1)                         # (N,)
+    return h[total[:, 0] > 0].mean().item()
+
+
+def coverage_at_k(items, n_items, k):
+    """The share of the catalogue that appears in at least one user's top K."""
+    shown = torch.unique(torch.as_tensor(items)[:, :k])
+    return (shown > 0).sum().item() / n_items
+
+
+def gini_at_k(items, n_items, k):
+    """The Gini index of exposure: how unequally the top-K slots of all users are shared among the
+    n_items items (0: every item shown equally often; near 1: a few items take every slot)."""
+    exposure = torch.bincount(torch.as_tensor(items)[:, :k].reshape(-1), minlength=n_items + 1)[1:]
+    x = exposure.double().sort().values                                      # ascending
+    i = torch.arange(1, n_items + 1, dtype=torch.float64)
+    return ((2 * i - n_items - 1) * x).sum().item() / (n_items * x.sum().item())
 
 
 def most_popular(dataset, examples, k=max(KS)):
@@ -127,7 +168,8 @@ def collect_runs(out_dir):
             except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
                 raise data.InputError(f"{path} is not a finished run's {name} ({type(e).__name__}); "
                                       f"rerun that run or move it out of {out_dir}") from None
-        runs.append({"folder": folder, "settings": loaded["config.json"], "metrics": loaded["metrics.json"]})
+        runs.append({"folder": folder, "settings": loaded["config.json"],
+                     "metrics": loaded["metrics.json"]})
     return runs
 
 
@@ -154,15 +196,17 @@ def report_tables(runs, defaults):
         s = r["settings"]
         key = (data.dataset_name(s["dataset"]), s["ids"], recipe(s, defaults))
         groups.setdefault(key, []).append(r)
-    lines = ["| dataset | IDs | recipe | seeds | Recall@5 | NDCG@5 | Recall@10 | NDCG@10 | most popular R@10 |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| dataset | IDs | recipe | seeds | Recall@5 | NDCG@5 | Recall@10 | NDCG@10 "
+             "| most popular R@10 |", "|---|---|---|---|---|---|---|---|---|"]
     for (name, ids, rec), members in sorted(groups.items()):
         cells = [mean_se([m["metrics"]["test"][k] for m in members]) for k in METRIC_KEYS]
         popular = members[0]["metrics"].get("test_most_popular", {}).get("recall@10", float("nan"))
-        lines.append(f"| {name} | {ids} | {rec} | {len(members)} | " + " | ".join(cells) + f" | {popular:.4f} |")
+        lines.append(f"| {name} | {ids} | {rec} | {len(members)} | {' | '.join(cells)} | {popular:.4f} |")
         if ids == "rqvae" and rec == "default" and name in PAPER:
-            lines.append(f"| {name} | paper, Table 1 | | | " + " | ".join(f"{v:.4f}" for v in PAPER[name]) + " | |")
-    lines += ["", "| run | test Recall@10 | best step | wall | commit | machine | command |", "|---|---|---|---|---|---|---|"]
+            paper = " | ".join(f"{v:.4f}" for v in PAPER[name])
+            lines.append(f"| {name} | paper, Table 1 | | | {paper} | |")
+    lines += ["", "| run | test Recall@10 | best step | wall | commit | machine | command |",
+              "|---|---|---|---|---|---|---|"]
     for r in runs:
         m, p = r["metrics"], r["metrics"].get("provenance", {})
         machine = f"{p.get('machine', '?')}, {p.get('threads', '?')} threads" if p else "?"
@@ -182,15 +226,19 @@ split = "test"            # valid | test
 constrained = True        # False: unconstrained beam search, and report the invalid-ID rate (Fig. 6)
 demo = 0                  # > 0: print this many users' histories and top-10 instead of the metrics
 beam_size = 0             # >= 10: decode with this many beams instead of the checkpoint's; 0: its own
+temperature = 0.0         # > 0: sample the ranking at this temperature instead of beam search (Table 3)
+seed = 0                  # the sampling's seed
 report = ""               # a folder: print the results tables of every finished run under it
 DEFAULTS = data.settings(globals())
-RANGES = {"split": ("valid", "test"), "demo": "[0, inf)", "beam_size": "[0, inf)"}
+RANGES = {"split": ("valid", "test"), "demo": "[0, inf)", "beam_size": "[0, inf)", "temperature": "[0, 100]",
+          "seed": "[0, inf)"}
 
 
 def show(ds, tokenizer, user, history, top, target):
     """A learner's view: a user's history and top-10, with titles and Semantic IDs."""
     def line(item):
-        return f"    {item:6d}  {tuple(tokenizer.codes[item - 1].tolist())!s:20s} {ds.items[item - 1]['title']}"
+        code = tuple(tokenizer.codes[item - 1].tolist())
+        return f"    {item:6d}  {code!s:20s} {ds.items[item - 1]['title']}"
     print(f"user {ds.users[user]}: history (oldest first)")
     print("\n".join(line(i) for i in history))
     print("  top-10 recommendations (* = the held-out item)")
@@ -209,7 +257,8 @@ def main(argv):
             raise data.InputError(f"--report={config['report']}: no such folder")
         runs = collect_runs(config["report"])
         if not runs:
-            raise data.InputError(f"no finished run under {config['report']} (a run folder has metrics.json)")
+            raise data.InputError(f"no finished run under {config['report']} (a run folder has "
+                                  f"metrics.json)")
         print(report_tables(runs, tiger.DEFAULTS))
         return runs
     if 0 < config["beam_size"] < 10:
@@ -217,19 +266,22 @@ def main(argv):
                               f"checkpoint's own (got {config['beam_size']})")
     saved = tiger.load_checkpoint(config["ckpt"])
     dev = data.pick_device()  # this machine's choice, not the one the checkpoint was trained on
-    model, tokenizer, run = tiger.model_from_checkpoint(saved, dev)
-    ds = data.load_dataset(run["dataset"])
+    model, tokenizer, trained_with = tiger.model_from_checkpoint(saved, dev)
+    ds = data.load_dataset(trained_with["dataset"])
     if tiger.ids_fingerprint(tokenizer.codes, ds) != saved["ids_fingerprint"]:
         raise data.InputError(f"{config['ckpt']} was trained on another version of dataset "
-                              f"{run['dataset']} (its Semantic IDs do not fit it, or its items, "
+                              f"{trained_with['dataset']} (its Semantic IDs do not fit it, or its items, "
                               f"embeddings or sequences differ); it cannot be scored on this one")
     _, valid, test = data.split(ds)
     examples = valid if config["split"] == "valid" else test
-    beam = config["beam_size"] or run["beam_size"]
+    beam = config["beam_size"] or trained_with["beam_size"]
     tables = tiger.PrefixTables(tokenizer, dev)
-    user_tok = tokenizer.user_tokens(ds.users) if run["user_token"] else None
-    autocast = tiger.make_autocast(dev, run["precision"])
-    how = f"{'constrained' if config['constrained'] else 'unconstrained'} beam search, beam {beam}"
+    user_tok = tokenizer.user_tokens(ds.users) if trained_with["user_token"] else None
+    autocast = tiger.make_autocast(dev, trained_with["precision"])
+    how = (f"{'constrained' if config['constrained'] else 'unconstrained'} "
+           + (f"sampling at temperature {config['temperature']}, {beam} items" if config["temperature"] > 0
+              else f"beam search, beam {beam}"))
+    generator = torch.Generator(device=dev).manual_seed(config["seed"])
     if config["demo"] > 0:
         if config["demo"] > len(examples):
             raise data.InputError(f"--demo={config['demo']}, but the {config['split']} split has only "
@@ -238,15 +290,19 @@ def main(argv):
         batch = data.make_batch(examples, idx, tokenizer, user_tok)
         model.eval()
         with autocast():
-            codes, scores = tiger.beam_search(model, batch["enc"].to(dev), tables, beam, config["constrained"])
+            codes, scores = tiger.beam_search(model, batch["enc"].to(dev), tables, beam,
+                                              config["constrained"], config["temperature"], generator)
         top = tiger.ranked_items(tables, codes, scores).cpu()
         print(f"{config['ckpt']} (step {saved['step']}), {how} ({config['split']} users):\n")
         for j, i in enumerate(idx):
             show(ds, tokenizer, examples.user[i], examples.history[i, :examples.length[i]], top[j].tolist(),
                  examples.target[i])
         return None
-    result = tiger.evaluate(model, examples, tokenizer, user_tok, tables, beam, run["eval_batch_size"], dev,
-                            constrained=config["constrained"], autocast=autocast)
+    category = data.item_categories(ds.items)[0]   # for Entropy@K; coverage and Gini need none
+    result = tiger.evaluate(model, examples, tokenizer, user_tok, tables, beam,
+                            trained_with["eval_batch_size"], dev, constrained=config["constrained"],
+                            autocast=autocast, temperature=config["temperature"], seed=config["seed"],
+                            category=category)
     print(f"{config['ckpt']} (step {saved['step']}) on {config['split']}, {how}:")
     for k, v in result.items():
         print(f"  {k:13s} {v:.4f}")

@@ -407,12 +407,6 @@ def id_stats(codes, sizes):
             'largest_collision_group': int(group_size.max())}
 
 
-def second_level_category(item):
-    """'Makeup > Nails' for categories ['Makeup', 'Nails', ...]; None when the path is shorter."""
-    cats = item.get('categories') or []
-    return ' > '.join(cats[:2]) if len(cats) >= 2 else None
-
-
 def category_structure(codes, items, top=5, per_code=3):
     """The hierarchy of Fig. 4 as a number and as text.
 
@@ -420,7 +414,8 @@ def category_structure(codes, items, top=5, per_code=3):
     second-level category), the share that also share the second-level category. Random first
     codes give the dataset's base rate (pairs_base_rate, over all item pairs); a Semantic ID whose
     first level groups similar items gives much more."""
-    cat = [second_level_category(it) for it in items]
+    ids, names = data.item_categories(items, depth=2)                  # 'Makeup > Nails'
+    cat = [names[i] if i >= 0 else None for i in ids[1:]]
     known = np.array([c is not None for c in cat])
     if not known.any():
         return None

@@ -187,6 +187,7 @@ def test_configure_overrides_defaults_with_a_file_then_flags(tmp_path):
     cfg_file.write_text("# a config file\nsteps = 200\nlr = 1\n")
     cfg = data.configure(DEFAULTS, [str(cfg_file), "--dataset=toys", "--compile", "--steps=300"])
     assert cfg == {"lr": 1.0, "steps": 300, "dataset": "toys", "compile": True}
+    assert data.configure(DEFAULTS, ["--dataset=2024"])["dataset"] == "2024"   # a string stays text
 
 
 @pytest.mark.parametrize("argv, contents, expected", [
@@ -786,6 +787,83 @@ def test_unconstrained_beam_search_can_return_ids_that_are_no_item():
     assert tables.items_of(torch.tensor([fake])).item() == 0  # a well-formed ID that is no item
 
 
+def sampling_setup(n_users):
+    codes = tiny_codes()
+    tok = data.Tokenizer(codes, n_user_buckets=10)
+    tables = tiger.PrefixTables(tok)
+    model = tiny(tok.vocab_size, tok.levels).eval()
+    history = tok.item_tokens[torch.tensor([3, 7, 1])].flatten()
+    enc = torch.cat([torch.tensor([tok.user_offset]), history]).repeat(n_users, 1)  # one user, n times
+    return codes, tok, tables, model, enc
+
+
+def exact_q(model, enc, tok, tables, temperature):
+    """Brute force: q_T(item) = prod_l softmax(logits_l / T), renormalised over the allowed codes."""
+    n, L = len(tok.codes), tok.id_length
+    target = tok.item_tokens[1:]
+    dec_in = torch.cat([torch.full((n, 1), data.BOS), target[:, :-1]], 1)
+    states, _ = model(enc[:1].repeat(n, 1), dec_in)
+    logq, prefix = torch.zeros(n), torch.zeros(n, dtype=torch.long)
+    for l, (first, _) in enumerate(tok.levels):
+        logp = model.code_logprobs(states[:, l], l).masked_fill(~tables.allowed[l][prefix], float("-inf"))
+        code = target[:, l] - first
+        logq += torch.log_softmax(logp / temperature, -1).gather(1, code[:, None])[:, 0]
+        prefix = tables.next[l][prefix, code]
+    return logq.exp()                                                       # (n_items,), sums to 1
+
+
+def test_sampling_returns_distinct_valid_items():
+    _, _, tables, model, enc = sampling_setup(50)
+    g = torch.Generator().manual_seed(0)
+    codes, scores = tiger.beam_search(model, enc, tables, beam_size=14, temperature=1.0, generator=g)
+    items = tables.items_of(codes)
+    assert torch.isfinite(scores).all()
+    assert (items.sort(1).values == torch.arange(1, 15)).all()              # all 14 items, each once
+    assert len({tuple(row) for row in items.tolist()}) > 1                  # in different orders
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_sampling_draws_without_replacement_from_the_tempered_distribution(temperature):
+    # the first item is a draw from q_T, the second a draw from q_T without the first:
+    # P(second = j) = sum_i q(i) q(j) / (1 - q(i)). 4,000 samples match both closely.
+    _, tok, tables, model, enc = sampling_setup(4000)
+    g = torch.Generator().manual_seed(1)
+    codes, _ = tiger.beam_search(model, enc, tables, beam_size=3, temperature=temperature, generator=g)
+    items = tables.items_of(codes)
+    with torch.no_grad():
+        q = exact_q(model, enc, tok, tables, temperature).double()
+    assert q.sum().item() == pytest.approx(1.0, abs=1e-5)
+    second = q * (q / (1 - q)).sum() - q * q / (1 - q)                      # j != i
+    for position, want in ((0, q), (1, second)):
+        drawn = torch.bincount(items[:, position], minlength=15)[1:].double() / 4000
+        assert 0.5 * (drawn - want).abs().sum().item() < 0.05, position    # total variation distance
+
+
+def test_higher_temperature_flattens_the_first_code():
+    codes, _, tables, model, enc = sampling_setup(3000)
+    n_first = len(np.unique(codes[:, 0]))
+    entropy = []
+    for temperature in (0.2, 1.0, 20.0):
+        g = torch.Generator().manual_seed(2)
+        out, _ = tiger.beam_search(model, enc, tables, beam_size=1, temperature=temperature, generator=g)
+        p = torch.bincount(out[:, 0, 0], minlength=n_first).double() / len(out)
+        entropy.append(-(p[p > 0] * p[p > 0].log()).sum().item())
+    assert entropy[0] < entropy[1] < entropy[2] and entropy[2] > 0.95 * np.log(n_first)
+
+
+def test_diversity_metrics_against_hand_computed_values():
+    items = torch.tensor([[1, 2, 3, 4], [1, 1, 5, 0]])                      # 0: no item
+    category = np.array([-1, 0, 0, 1, -1, 2])                               # item 4: unknown
+    # user 0: categories 0, 0, 1 -> p = (2/3, 1/3); user 1: 0, 0, 2 -> the same entropy
+    h = -(2 / 3 * np.log(2 / 3) + 1 / 3 * np.log(1 / 3))
+    assert evaluation.entropy_at_k(items, category, 4) == pytest.approx(h)
+    assert evaluation.entropy_at_k(items, category, 1) == 0.0
+    assert evaluation.coverage_at_k(items, 5, 4) == 1.0 and evaluation.coverage_at_k(items, 5, 2) == 0.4
+    # exposure of items 1..5 in the top 2: (3, 1, 0, 0, 0); sorted (0, 0, 0, 1, 3)
+    gini = sum((2 * i - 5 - 1) * x for i, x in enumerate([0, 0, 0, 1, 3], 1)) / (5 * 4)
+    assert evaluation.gini_at_k(items, 5, 2) == pytest.approx(gini) == pytest.approx(0.7)
+
+
 def test_metrics_against_hand_computed_values():
     ranked = torch.tensor([[7, 1, 2, 3, 4, 5], [1, 2, 3, 4, 7, 5], [1, 2, 3, 4, 5, 6]])
     targets = torch.tensor([7, 7, 7])  # hit at rank 1, hit at rank 5, miss
@@ -1035,7 +1113,8 @@ def test_eval_scores_the_weight_average_that_was_validated(beauty_slice):
     results = tiger.main(run_args(beauty_slice, "averaged", steps=20) + ["--ema=0.9"])
     folder = run_dir(beauty_slice, "averaged")
     from_ckpt = evaluation.main([f"--ckpt={os.path.join(folder, 'ckpt.pt')}", "--split=valid"])
-    assert from_ckpt == results["valid"]          # ckpt.pt's average = best.pt's model (one evaluation)
+    # ckpt.pt's average = best.pt's model (one evaluation): the same metrics
+    assert {k: from_ckpt[k] for k in results["valid"]} == results["valid"]
 
 
 def test_two_live_runs_never_share_a_folder(beauty_slice):

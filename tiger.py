@@ -386,12 +386,30 @@ class PrefixTables:
         return torch.where(prefix >= 0, self.item_of_prefix[prefix.clamp(min=0)], torch.zeros_like(prefix))
 
 
+def conditioned_gumbels(parent, g):
+    """The top-down Gumbel trick of stochastic beam search (Kool et al. 2019, "Stochastic Beams and
+    Where to Find Them", eq. 23 and App. B.3, in its stable form). parent: (B, n) the perturbed
+    score of each prefix; g: (B, n, size) its children's own perturbed scores. Returns the
+    children's scores conditioned on their maximum being the parent's: (B, n, size)."""
+    z = g.max(-1, keepdim=True).values                              # (B, n, 1)
+    # v = parent - g + log(1 - exp(g - z)); then -log(exp(-parent) - exp(-z) + exp(-g)), stably
+    v = parent.unsqueeze(-1) - g + torch.log(-torch.expm1((g - z).clamp(max=0)))
+    out = parent.unsqueeze(-1) - v.clamp(min=0) - torch.log1p(torch.exp(-v.abs()))
+    return torch.where(torch.isfinite(z) & torch.isfinite(g), out, torch.full_like(out, float("-inf")))
+
+
 @torch.no_grad()
-def beam_search(model, enc, tables, beam_size, constrained=True):
-    """enc: (B, T) encoder tokens. Returns (codes (B, beam, L) long, scores (B, beam)), best first;
-    scores are log p(item) (up to float rounding). At level l only level l's codes are candidates,
-    and (constrained) only those that extend the beam's prefix to a prefix of some real item. A
-    returned ID with score -inf is a filler (fewer valid IDs than beams)."""
+def beam_search(model, enc, tables, beam_size, constrained=True, temperature=0.0, generator=None):
+    """enc: (B, T) encoder tokens. Returns (codes (B, beam, L) long, scores (B, beam)); scores are
+    log p(item) (up to float rounding). At level l only level l's codes are candidates, and
+    (constrained) only those that extend the beam's prefix to a prefix of some real item. A
+    returned ID with score -inf is a filler (fewer valid IDs than beams).
+
+    temperature = 0: beam search, best first. temperature T > 0: a sample of beam_size distinct
+    items without replacement from q_T(item) = prod_l softmax(logits_l / T) (kept to valid IDs when
+    constrained), in the order drawn, by stochastic beam search: every prefix carries a Gumbel-
+    perturbed log q_T, and the beam keeps the largest (Gumbel-top-k over whole IDs, level by level).
+    A larger T flattens q_T: more diverse recommendations (paper Sec. 4.3, Table 3)."""
     levels = model.config.levels
     B, L, dev = enc.shape[0], len(levels), enc.device
     memory, cross_bias = model.encode(enc)
@@ -399,6 +417,8 @@ def beam_search(model, enc, tables, beam_size, constrained=True):
     tokens = torch.full((B, 1), data.BOS, device=dev)        # the current last token of each beam
     prefix = torch.zeros(B, 1, dtype=torch.long, device=dev)  # prefix id of each beam (tables)
     scores = torch.zeros(B, 1, device=dev)                    # log p(prefix) of each beam
+    logq_prefix = torch.zeros(B, 1, device=dev)               # sampling: log q_T(prefix) of each beam
+    perturbed = torch.zeros(B, 1, device=dev)                 # ... and its Gumbel-perturbed value
     codes = torch.zeros(B, 1, 0, dtype=torch.long, device=dev)
     for level in range(L):
         n_beam = tokens.shape[1]
@@ -407,9 +427,20 @@ def beam_search(model, enc, tables, beam_size, constrained=True):
         logp = model.code_logprobs(h[:, 0], level).view(B, n_beam, size)  # log p(c_l | c_<l, ...)
         if constrained:
             logp = logp.masked_fill(~tables.allowed[level][prefix], float("-inf"))
-        cand = (scores.unsqueeze(-1) + logp).view(B, -1)    # (B, n*size): the running sum over levels
-        k = min(beam_size, cand.shape[1])
-        scores, flat = cand.topk(k, dim=1)                  # (B, k)
+        cand = scores.unsqueeze(-1) + logp                  # (B, n, size): the running sum over levels
+        key = cand                                          # what the beam keeps the largest of
+        if temperature > 0:
+            # log q_T of every child prefix: softmax(logits / T) over the allowed codes
+            logq = logq_prefix.unsqueeze(-1) + torch.log_softmax(logp / temperature, -1)   # (B, n, size)
+            u = torch.rand(logq.shape, device=dev, generator=generator).clamp(min=1e-12)
+            gumbel = logq - torch.log(-torch.log(u))        # each child's own perturbed log q_T ...
+            key = conditioned_gumbels(perturbed, gumbel)    # ... conditioned on its parent's
+            logq_prefix = logq.view(B, -1)
+        k = min(beam_size, size * n_beam)
+        top, flat = key.view(B, -1).topk(k, dim=1)          # (B, k)
+        scores, perturbed = cand.view(B, -1).gather(1, flat), top
+        if temperature > 0:
+            logq_prefix = logq_prefix.gather(1, flat)
         parent, code = flat // size, flat % size
         codes = torch.cat([codes.gather(1, parent[..., None].expand(-1, -1, level)), code[..., None]], -1)
         if constrained:  # (a filler beam reaches no prefix, -1; clamp keeps it a valid index)
@@ -420,6 +451,8 @@ def beam_search(model, enc, tables, beam_size, constrained=True):
         rows = (parent + torch.arange(B, device=dev)[:, None] * n_beam).view(-1)
         for cache in caches:
             cache["self"]["k"], cache["self"]["v"] = cache["self"]["k"][rows], cache["self"]["v"][rows]
+    if temperature > 0:  # a filler (score -inf) must not outrank a drawn item
+        scores = torch.where(torch.isfinite(perturbed), scores, torch.full_like(scores, float("-inf")))
     return codes, scores
 
 
@@ -431,10 +464,13 @@ def ranked_items(tables, codes, scores):
 
 @torch.no_grad()
 def evaluate(model, examples, tokenizer, user_tok, tables, beam_size, batch_size, device,
-             constrained=True, limit=0, progress=True, autocast=contextlib.nullcontext):
-    """Beam search for every example of a split (validation or test), then eval.py's metrics.
-    limit > 0 uses a fixed random subset of `limit` examples for cheaper model selection (random:
-    the users early in the file have longer histories than the average user). Returns a dict."""
+             constrained=True, limit=0, progress=True, autocast=contextlib.nullcontext,
+             temperature=0.0, seed=0, category=None):
+    """Beam search (or, temperature > 0, seeded sampling) for every example of a split (validation
+    or test), then eval.py's metrics (with category, the diversity ones too). limit > 0 uses a fixed
+    random subset of `limit` examples for cheaper model selection (random: the users early in the
+    file have longer histories than the average user). Returns a dict."""
+    generator = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
     was_training = model.training
     model.eval()
     subset = np.arange(len(examples))
@@ -445,11 +481,13 @@ def evaluate(model, examples, tokenizer, user_tok, tables, beam_size, batch_size
     for start in tqdm(range(0, len(order), batch_size), desc="eval", leave=False, disable=not progress):
         batch = data.make_batch(examples, order[start:start + batch_size], tokenizer, user_tok)
         with autocast():
-            codes, scores = beam_search(model, batch["enc"].to(device), tables, beam_size, constrained)
+            codes, scores = beam_search(model, batch["enc"].to(device), tables, beam_size, constrained,
+                                        temperature, generator)
         all_items.append(ranked_items(tables, codes, scores).cpu())     # (B, beam)
         all_targets.append(batch["target_item"])
     model.train(was_training)
-    return evaluation.metrics(torch.cat(all_items), torch.cat(all_targets), invalid=not constrained)
+    return evaluation.metrics(torch.cat(all_items), torch.cat(all_targets), invalid=not constrained,
+                              category=category)
 
 
 # ----------------------------------------------------------------------------------------------
