@@ -111,6 +111,23 @@ def gini_at_k(items, n_items, k):
     return ((2 * i - n_items - 1) * x).sum().item() / (n_items * x.sum().item())
 
 
+def category_mix(items, targets, category, names, k=10, n_targets=3, n_shown=3):
+    """Table 4 as text: for the n_targets most common categories of the held-out items, the
+    n_shown most common categories among those users' top-k recommendations, with their shares."""
+    items, targets = torch.as_tensor(items)[:, :k], torch.as_tensor(targets)
+    category = torch.as_tensor(category)
+    target_cat = category[targets]
+    lines = []
+    for c in torch.bincount(target_cat[target_cat >= 0]).argsort(descending=True)[:n_targets].tolist():
+        shown = category[items[target_cat == c]].reshape(-1)
+        shown = shown[shown >= 0]
+        counts = torch.bincount(shown, minlength=len(names))
+        top = counts.argsort(descending=True)[:n_shown].tolist()
+        mix = ", ".join(f"{names[i]} {counts[i].item() / len(shown):.0%}" for i in top if counts[i] > 0)
+        lines.append(f"target {names[c]} ({(target_cat == c).sum().item()} users): top-{k} {mix}")
+    return lines
+
+
 def most_popular(dataset, examples, k=max(KS)):
     """The most-popular baseline: every user gets the k items with most training interactions
     (data.training_part of each sequence, so nothing of validation or test is counted)."""
@@ -298,14 +315,17 @@ def main(argv):
             show(ds, tokenizer, examples.user[i], examples.history[i, :examples.length[i]], top[j].tolist(),
                  examples.target[i])
         return None
-    category = data.item_categories(ds.items)[0]   # for Entropy@K; coverage and Gini need none
-    result = tiger.evaluate(model, examples, tokenizer, user_tok, tables, beam,
-                            trained_with["eval_batch_size"], dev, constrained=config["constrained"],
-                            autocast=autocast, temperature=config["temperature"], seed=config["seed"],
-                            category=category)
+    category, names = data.item_categories(ds.items)   # for Entropy@K; coverage and Gini need none
+    result, items, targets = tiger.evaluate(
+        model, examples, tokenizer, user_tok, tables, beam, trained_with["eval_batch_size"], dev,
+        constrained=config["constrained"], autocast=autocast, temperature=config["temperature"],
+        seed=config["seed"], category=category, return_items=True)
     print(f"{config['ckpt']} (step {saved['step']}) on {config['split']}, {how}:")
     for k, v in result.items():
         print(f"  {k:13s} {v:.4f}")
+    if names:  # Table 4: what the users of the most common target categories are shown
+        print("\n".join(["  categories of the top 10 (Table 4):"]
+                        + ["    " + line for line in category_mix(items, targets, category, names)]))
     print("  most popular: " + ", ".join(f"{k} {v:.4f}" for k, v in most_popular(ds, examples).items()))
     return result
 

@@ -864,6 +864,14 @@ def test_diversity_metrics_against_hand_computed_values():
     assert evaluation.gini_at_k(items, 5, 2) == pytest.approx(gini) == pytest.approx(0.7)
 
 
+def test_category_mix_names_what_each_target_category_is_shown():
+    category, names = np.array([-1, 0, 0, 1, 1, 2]), ["A", "B", "C"]
+    items = torch.tensor([[1, 3, 3, 5], [2, 1, 1, 1], [4, 5, 5, 5]])
+    lines = evaluation.category_mix(items, torch.tensor([1, 2, 3]), category, names, k=4, n_shown=2)
+    # two users with targets in A see A, B, B, C and A, A, A, A; one with a target in B sees B, C, C, C
+    assert lines == ["target A (2 users): top-4 A 62%, B 25%", "target B (1 users): top-4 C 75%, B 25%"]
+
+
 def test_metrics_against_hand_computed_values():
     ranked = torch.tensor([[7, 1, 2, 3, 4, 5], [1, 2, 3, 4, 7, 5], [1, 2, 3, 4, 5, 6]])
     targets = torch.tensor([7, 7, 7])  # hit at rank 1, hit at rank 5, miss

@@ -465,9 +465,10 @@ def ranked_items(tables, codes, scores):
 @torch.no_grad()
 def evaluate(model, examples, tokenizer, user_tok, tables, beam_size, batch_size, device,
              constrained=True, limit=0, progress=True, autocast=contextlib.nullcontext,
-             temperature=0.0, seed=0, category=None):
+             temperature=0.0, seed=0, category=None, return_items=False):
     """Beam search (or, temperature > 0, seeded sampling) for every example of a split (validation
-    or test), then eval.py's metrics (with category, the diversity ones too). limit > 0 uses a fixed
+    or test), then eval.py's metrics (with category, the diversity ones too; return_items: also the
+    rankings (N, beam) and the held-out items (N,), in evaluation order). limit > 0 uses a fixed
     random subset of `limit` examples for cheaper model selection (random: the users early in the
     file have longer histories than the average user). Returns a dict."""
     generator = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
@@ -486,8 +487,9 @@ def evaluate(model, examples, tokenizer, user_tok, tables, beam_size, batch_size
         all_items.append(ranked_items(tables, codes, scores).cpu())     # (B, beam)
         all_targets.append(batch["target_item"])
     model.train(was_training)
-    return evaluation.metrics(torch.cat(all_items), torch.cat(all_targets), invalid=not constrained,
-                              category=category)
+    items, targets = torch.cat(all_items), torch.cat(all_targets)
+    metrics = evaluation.metrics(items, targets, invalid=not constrained, category=category)
+    return (metrics, items, targets) if return_items else metrics
 
 
 # ----------------------------------------------------------------------------------------------
