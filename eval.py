@@ -5,14 +5,17 @@ Leave-one-out: each user has exactly one held-out item; the model ranks the full
 search over Semantic IDs returns a ranked list of items), and
   Recall@K = share of users whose held-out item is in the top K
   NDCG@K   = mean over users of 1 / log2(rank + 1) if rank <= K else 0   (one relevant item: IDCG = 1)
-Also: the invalid-ID rate of unconstrained decoding (the paper's Fig. 6), a most-popular baseline,
-and the results table beside the paper's Table 1.
+Also: the invalid-ID rate of unconstrained decoding (Fig. 6), the diversity of a ranking
+(Entropy@K as in Sec. 4.3 / Table 3, catalogue coverage, the Gini index of exposure), the
+categories each kind of user is shown (Table 4), a most-popular baseline, and the results tables:
+one run beside the paper's Table 1, or every finished run under out/ (the report).
 
 Drivers after the functions (they load a checkpoint written by tiger.py):
   python eval.py --ckpt=out/beauty/rqvae/tiger/best.pt [--split=test] [--constrained=False]
   python eval.py --ckpt=... --demo=3      # 3 users' histories and their top-10 with titles and IDs
   python eval.py --ckpt=... --split=valid --beam_size=80   # the same checkpoint, a wider beam
   python eval.py --temperature=1.5 --beam_size=50          # sampled top-50: diversity (Table 3)
+  python eval.py --history=B004756YJA,B004ZT0SSG,17        # recommend for any history (ids or ASINs)
   python eval.py --report=out             # every finished run under out/, as Markdown tables
 """
 import json
@@ -178,11 +181,13 @@ def collect_runs(out_dir):
                     loaded[name] = json.load(f)
                 if name == "metrics.json":
                     test = loaded[name]["test"]
-                    assert all(isinstance(test[k], float) for k in METRIC_KEYS)
-                    assert isinstance(loaded[name]["wall_s"], (int, float))
+                    ok = all(isinstance(test[k], float) for k in METRIC_KEYS)
+                    ok = ok and isinstance(loaded[name]["wall_s"], (int, float))
                 else:
-                    assert {"dataset", "ids", "seed"} <= set(loaded[name])
-            except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
+                    ok = {"dataset", "ids", "seed"} <= set(loaded[name])
+                if not ok:
+                    raise ValueError("missing or malformed fields")
+            except (OSError, ValueError, KeyError, TypeError) as e:
                 raise data.InputError(f"{path} is not a finished run's {name} ({type(e).__name__}); "
                                       f"rerun that run or move it out of {out_dir}") from None
         runs.append({"folder": folder, "settings": loaded["config.json"],
@@ -244,6 +249,7 @@ constrained = True        # False: unconstrained beam search, and report the inv
 demo = 0                  # > 0: print this many users' histories and top-10 instead of the metrics
 beam_size = 0             # >= 10: decode with this many beams instead of the checkpoint's; 0: its own
 temperature = 0.0         # > 0: sample the ranking at this temperature instead of beam search (Table 3)
+history = ""              # item ids or ASINs, comma-separated, oldest first: recommend for this history
 seed = 0                  # the sampling's seed
 report = ""               # a folder: print the results tables of every finished run under it
 DEFAULTS = data.settings(globals())
@@ -251,16 +257,34 @@ RANGES = {"split": ("valid", "test"), "demo": "[0, inf)", "beam_size": "[0, inf)
           "seed": "[0, inf)"}
 
 
-def show(ds, tokenizer, user, history, top, target):
-    """A learner's view: a user's history and top-10, with titles and Semantic IDs."""
+def show(ds, tokenizer, header, history, top, target=None):
+    """A learner's view: a history and its top-10, with titles and Semantic IDs."""
     def line(item):
         code = tuple(tokenizer.codes[item - 1].tolist())
         return f"    {item:6d}  {code!s:20s} {ds.items[item - 1]['title']}"
-    print(f"user {ds.users[user]}: history (oldest first)")
+    print(f"{header}: history (oldest first)")
     print("\n".join(line(i) for i in history))
-    print("  top-10 recommendations (* = the held-out item)")
+    print("  top-10 recommendations" + (" (* = the held-out item)" if target is not None else ""))
     print("\n".join(line(i) + ("   *" if i == target else "") for i in top[:10] if i > 0))
-    print(f"  held-out item:\n{line(target)}\n")
+    if target is not None:
+        print(f"  held-out item:\n{line(target)}")
+    print()
+
+
+def parse_history(text, ds):
+    """'B004756YJA,17,...' -> item ids (oldest first): each entry an item id or an ASIN."""
+    by_asin = {it.get("asin"): it["item"] for it in ds.items}
+    ids, unknown = [], []
+    for entry in (e.strip() for e in text.split(",") if e.strip()):
+        item = int(entry) if entry.isdigit() else by_asin.get(entry)
+        if item is None or not 1 <= item <= ds.n_items:
+            unknown.append(entry)
+        else:
+            ids.append(item)
+    if unknown or not ids:
+        raise data.InputError(f"--history: {', '.join(unknown) or 'nothing given'}: not an item id "
+                              f"(1..{ds.n_items}) or an ASIN of {ds.name}")
+    return np.array(ids, dtype=np.int64)
 
 
 def main(argv):
@@ -299,6 +323,20 @@ def main(argv):
            + (f"sampling at temperature {config['temperature']}, {beam} items" if config["temperature"] > 0
               else f"beam search, beam {beam}"))
     generator = torch.Generator(device=dev).manual_seed(config["seed"])
+    if config["history"]:  # any history: a user the model never saw, so no user token (PAD)
+        history = parse_history(config["history"], ds)[-data.MAX_HISTORY:]
+        one = data.Examples(user=np.zeros(1, np.int64), history=history[None],
+                            length=np.array([len(history)]), target=history[-1:],
+                            position=np.array([len(history)]))
+        pad_user = torch.tensor([data.PAD]) if trained_with["user_token"] else None
+        batch = data.make_batch(one, [0], tokenizer, pad_user)
+        model.eval()
+        with autocast():
+            codes, scores = tiger.beam_search(model, batch["enc"].to(dev), tables, beam,
+                                              config["constrained"], config["temperature"], generator)
+        top = tiger.ranked_items(tables, codes, scores)[0].cpu().tolist()
+        show(ds, tokenizer, f"{config['ckpt']}, {how}", history, top)
+        return top
     if config["demo"] > 0:
         if config["demo"] > len(examples):
             raise data.InputError(f"--demo={config['demo']}, but the {config['split']} split has only "
@@ -312,8 +350,8 @@ def main(argv):
         top = tiger.ranked_items(tables, codes, scores).cpu()
         print(f"{config['ckpt']} (step {saved['step']}), {how} ({config['split']} users):\n")
         for j, i in enumerate(idx):
-            show(ds, tokenizer, examples.user[i], examples.history[i, :examples.length[i]], top[j].tolist(),
-                 examples.target[i])
+            show(ds, tokenizer, f"user {ds.users[examples.user[i]]}",
+                 examples.history[i, :examples.length[i]], top[j].tolist(), examples.target[i])
         return None
     category, names = data.item_categories(ds.items)   # for Entropy@K; coverage and Gini need none
     result, items, targets = tiger.evaluate(

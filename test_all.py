@@ -1010,6 +1010,21 @@ def test_end_to_end_on_a_beauty_slice(beauty_slice):
     assert "recall@20" in evaluation.main([f"--ckpt={best}", "--beam_size=20", "--split=valid"])
 
 
+def test_recommend_for_any_history_by_ids_or_asins(beauty_slice, trained, capsys):
+    folder, _ = beauty_slice
+    items = data.load_dataset(folder).items
+    best = f"--ckpt={os.path.join(trained, 'best.pt')}"
+    top = evaluation.main([best, f"--history={items[4]['asin']},{items[9]['asin']},3"])
+    assert len(top) == 10 and len(set(top)) == 10 and all(1 <= i <= len(items) for i in top)
+    shown = capsys.readouterr().out
+    assert items[4]["title"] in shown and items[top[0] - 1]["title"] in shown
+    assert evaluation.main([best, "--history=5,10,3"]) == top                 # ids and ASINs alike
+    sampled = evaluation.main([best, "--history=5,10,3", "--temperature=2.0"])
+    assert len(set(sampled)) == 10 and sampled != top
+    with pytest.raises(data.InputError, match="--history: B000NOSUCH, 99999: not an item id"):
+        evaluation.main([best, "--history=5,B000NOSUCH,99999"])
+
+
 def test_interrupted_run_resumes_to_the_same_result(beauty_slice, monkeypatch):
     # dropout draws random numbers, so resuming must restore the RNG; the weight average must be restored too
     small = ["--dropout=0.1", "--ema=0.9", "--item_dropout=0.1", "--user_dropout=0.3"]

@@ -283,7 +283,7 @@ class TIGER(nn.Module):
         self.enc_norm, self.dec_norm = RMSNorm(d), RMSNorm(d)
         self.emb_dropout = nn.Dropout(config.dropout)     # on the embeddings and the encoder output (T5)
         self.lm_head = nn.Linear(d, config.vocab_size, bias=False)  # the output layer: a score per token
-        # initialisation: N(0, 0.02) for the two token tables, N(0, 1/d_model) for every other matrix
+        # initialisation: normal, std 0.02 for the two token tables, std d_model^-1/2 for every other matrix
         for p in self.parameters():
             if p.dim() == 2:
                 token_table = p is self.embed.weight or p is self.lm_head.weight
