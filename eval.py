@@ -231,7 +231,7 @@ def report_tables(runs, defaults):
               "|---|---|---|---|---|---|---|"]
     for r in runs:
         m, p = r["metrics"], r["metrics"].get("provenance", {})
-        machine = f"{p.get('machine', '?')}, {p.get('threads', '?')} threads" if p else "?"
+        machine = f"{p.get('machine', '?')}, threads: {p.get('threads', '?')}" if p else "?"
         lines.append(f"| {r['folder']} | {m['test']['recall@10']:.4f} | {m.get('best_step', '?')} | "
                      f"{m['wall_s'] / 60:.1f} min | {p.get('commit', '?')} | {machine} | "
                      f"`{p.get('command', '?')}` |")

@@ -1074,7 +1074,7 @@ def test_report_sets_every_finished_run_beside_the_paper(tmp_path, capsys):
     assert "| beauty | paper, Table 1 | | | 0.0454 | 0.0321 | 0.0648 | 0.0384 | |" in table
     assert "| beauty | rqvae | user_dropout=0.0 user_token=False | 1 | 0.0200 |" in table
     assert "| toys | lsh | default | 1 | 0.0150 |" in table and "| toys | paper" not in table
-    assert "| 10.0 min | abc1234 | AMD EPYC, 2 threads | `python tiger.py` |" in table
+    assert "| 10.0 min | abc1234 | AMD EPYC, threads: 2 | `python tiger.py` |" in table
 
 
 def test_report_refuses_a_malformed_run_naming_the_file(tmp_path):
