@@ -323,18 +323,21 @@ def main(argv):
            + (f"sampling at temperature {config['temperature']}, {beam} items" if config["temperature"] > 0
               else f"beam search, beam {beam}"))
     generator = torch.Generator(device=dev).manual_seed(config["seed"])
+
+    def recommend(batch):  # the ranked items (B, beam) of a batch, decoded as configured
+        model.eval()
+        with autocast():
+            codes, scores = tiger.beam_search(model, batch["enc"].to(dev), tables, beam,
+                                              config["constrained"], config["temperature"], generator)
+        return tiger.ranked_items(tables, codes, scores).cpu()
+
     if config["history"]:  # any history: a user the model never saw, so no user token (PAD)
         history = parse_history(config["history"], ds)[-data.MAX_HISTORY:]
         one = data.Examples(user=np.zeros(1, np.int64), history=history[None],
                             length=np.array([len(history)]), target=history[-1:],
                             position=np.array([len(history)]))
         pad_user = torch.tensor([data.PAD]) if trained_with["user_token"] else None
-        batch = data.make_batch(one, [0], tokenizer, pad_user)
-        model.eval()
-        with autocast():
-            codes, scores = tiger.beam_search(model, batch["enc"].to(dev), tables, beam,
-                                              config["constrained"], config["temperature"], generator)
-        top = tiger.ranked_items(tables, codes, scores)[0].cpu().tolist()
+        top = recommend(data.make_batch(one, [0], tokenizer, pad_user))[0].tolist()
         show(ds, tokenizer, f"{config['ckpt']}, {how}", history, top)
         return top
     if config["demo"] > 0:
@@ -342,12 +345,7 @@ def main(argv):
             raise data.InputError(f"--demo={config['demo']}, but the {config['split']} split has only "
                                   f"{len(examples)} users")
         idx = np.random.default_rng(0).choice(len(examples), config["demo"], replace=False)
-        batch = data.make_batch(examples, idx, tokenizer, user_tok)
-        model.eval()
-        with autocast():
-            codes, scores = tiger.beam_search(model, batch["enc"].to(dev), tables, beam,
-                                              config["constrained"], config["temperature"], generator)
-        top = tiger.ranked_items(tables, codes, scores).cpu()
+        top = recommend(data.make_batch(examples, idx, tokenizer, user_tok))
         print(f"{config['ckpt']} (step {saved['step']}), {how} ({config['split']} users):\n")
         for j, i in enumerate(idx):
             show(ds, tokenizer, f"user {ds.users[examples.user[i]]}",

@@ -508,11 +508,12 @@ def drop_input_tokens(enc, id_length, item_dropout, user_dropout, user_token=Tru
     u = int(user_token)                                                # leading user column or none
     hidden = torch.rand(B, (T - u) // id_length, device=enc.device) < item_dropout  # (B, n) a draw per item
     hidden = F.pad(hidden.repeat_interleave(id_length, dim=1), (u, 0))              # (B, T), user kept
+    if user_token and user_dropout == 0:  # the user token stays, so a key is always left (and no
+        return enc.masked_fill(hidden, data.PAD)  # draw for it: runs without it keep their random stream)
     keeps_history = ((enc != data.PAD) & ~hidden)[:, u:].any(1)                     # (B,)
     if not user_token:  # the history is all there is: a row that would lose every item keeps them
         return enc.masked_fill(hidden & keeps_history[:, None], data.PAD)
-    if user_dropout > 0:  # (no draw when off, so runs without it keep their random stream)
-        hidden[:, 0] = (torch.rand(B, device=enc.device) < user_dropout) & keeps_history
+    hidden[:, 0] = (torch.rand(B, device=enc.device) < user_dropout) & keeps_history
     return enc.masked_fill(hidden, data.PAD)
 
 
