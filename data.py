@@ -180,7 +180,8 @@ class Examples:
     history: np.ndarray   # (N, MAX_HISTORY) item ids, oldest first, left-aligned, 0 = padding
     length: np.ndarray    # (N,) number of real items in each history (1..MAX_HISTORY)
     target: np.ndarray    # (N,) the item to predict
-    position: np.ndarray  # (N,) index of the target in the user's full sequence (for leakage checks)
+    position: np.ndarray  # (N,) index of the target in the user's sequence (for leakage checks;
+                          # in training examples of a cold-start split: in the sequence without unseen items)
 
     def __len__(self):
         return len(self.target)
@@ -200,20 +201,46 @@ def _make_examples(rows):
     return Examples(user, history, length, target, position)
 
 
-def training_part(seq):
-    """What training may see of a user's sequence: all but the validation and the test item."""
-    return seq[:-2]
+def training_part(seq, unseen=()):
+    """What training may see of a user's sequence: all but the validation and the test item, and
+    none of the cold-start experiment's unseen items (the rest of the sequence closes up)."""
+    part = seq[:-2]
+    return part[~np.isin(part, unseen)] if len(unseen) else part
 
 
-def split(dataset):
-    """Returns (train, valid, test) Examples."""
+def split(dataset, unseen=()):
+    """Returns (train, valid, test) Examples. unseen: item ids no training example may contain
+    (cold start, below); validation and test keep their full histories."""
     train, valid, test = [], [], []
     for u, seq in enumerate(dataset.sequences):
         n = len(seq)
-        train += [(u, seq, t) for t in range(1, len(training_part(seq)))]  # targets 1..n-3
+        part = training_part(seq, unseen)
+        train += [(u, part, t) for t in range(1, len(part))]  # targets 1..n-3 (without unseen items)
         valid.append((u, seq, n - 2))
         test.append((u, seq, n - 1))
     return _make_examples(train), _make_examples(valid), _make_examples(test)
+
+
+# Cold start (paper Sec. 4.3, Fig. 5). A share of the items that are test targets become "unseen":
+# no training example contains them, neither as target nor in a history (training_part drops them),
+# the RQ-VAE is trained without their embeddings, and the collision token numbers the seen items
+# only (rqvae.add_collision_token); unseen items still get the first codes from their embeddings,
+# which is what lets TIGER retrieve them. Validation and test histories keep any unseen item they
+# hold: a user may well own a new item, and its Semantic ID is computable from its content. The
+# choice is a function of the dataset and the share alone (a fixed seed), so prepare.py, tiger.py
+# and eval.py agree on it without passing a file around.
+
+COLD_START_SEED = 0
+
+
+def unseen_items(dataset, share):
+    """The cold-start experiment's unseen items: `share` of the distinct test targets, a seeded
+    choice, as a sorted (n_unseen,) int64 array of item ids (empty for share = 0)."""
+    if share <= 0:
+        return np.zeros(0, dtype=np.int64)
+    targets = np.unique([seq[-1] for seq in dataset.sequences])
+    n = max(1, round(share * len(targets)))
+    return np.sort(np.random.default_rng(COLD_START_SEED).choice(targets, n, replace=False))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -413,13 +440,22 @@ def provenance(script, argv, device="cpu"):
             "torch": torch.__version__}
 
 
-def load_codes(ds, ids="rqvae", out_dir="out", dataset=None):
-    """The (n_items, L) int64 Semantic-ID table that prepare.py wrote for dataset ds and scheme ids,
-    checked as strictly as prepare.py checks it before reusing it: finished build, right scheme and
-    dataset, built from these very embeddings, the table prepare.py wrote (checksum), one distinct
-    in-range ID per item. dataset: the name or folder the user gave, for the suggested fix command."""
-    folder = os.path.join(out_dir, ds.name, ids)
+def ids_folder(out_dir, name, ids, cold_start=0.0):
+    """Where prepare.py writes a build: out/<dataset>/<ids>/, or out/<dataset>/<ids>-cold<share>/
+    for the cold-start experiment's IDs (built without the unseen items), so they never replace the
+    main build. Runs go into a folder under it."""
+    return os.path.join(out_dir, name, f"{ids}-cold{cold_start:g}" if cold_start > 0 else ids)
+
+
+def load_codes(ds, ids="rqvae", out_dir="out", dataset=None, cold_start=0.0):
+    """The (n_items, L) int64 Semantic-ID table that prepare.py wrote for dataset ds and scheme ids
+    (and cold-start share), checked as strictly as prepare.py checks it before reusing it: finished
+    build, right scheme, dataset and share, built from these very embeddings, the table prepare.py
+    wrote (checksum), one distinct in-range ID per item. dataset: the name or folder the user gave,
+    for the suggested fix command."""
+    folder = ids_folder(out_dir, ds.name, ids, cold_start)
     fix = (f"python prepare.py --dataset={dataset or ds.name} --ids={ids}"
+           + (f" --cold_start={cold_start:g}" if cold_start > 0 else "")
            + (f" --out_dir={out_dir}" if os.path.normpath(out_dir) != "out" else ""))
     paths = {f: os.path.join(folder, f) for f in ("codes.npy", "config.json", "stats.json")}
     for p in paths.values():
@@ -442,8 +478,9 @@ def load_codes(ds, ids="rqvae", out_dir="out", dataset=None):
     except Exception as e:
         raise InputError(f"{paths['codes.npy']} cannot be read ({e}); run `{fix} --force`") from None
     problem = None
-    if (built.get("ids"), built.get("dataset")) != (ids, ds.name):
-        problem = f"the folder holds {built.get('ids')} IDs of {built.get('dataset')} (config.json)"
+    if (built.get("ids"), built.get("dataset"), built.get("cold_start", 0.0)) != (ids, ds.name, cold_start):
+        problem = (f"the folder holds {built.get('ids')} IDs of {built.get('dataset')}, cold-start share "
+                   f"{built.get('cold_start', 0.0)} (config.json)")
     elif emb_md5 != md5(ds.item_emb):
         problem = (f"these IDs were built from other item embeddings than {ds.name}'s (its item_emb.npy "
                    f"changed, or another dataset folder named '{ds.name}' wrote them)")

@@ -4,6 +4,8 @@ prepare.py -- everything before training: item embeddings -> Semantic IDs -> fil
     python prepare.py                          # Beauty, RQ-VAE Semantic IDs (the paper's method)
     python prepare.py --dataset=toys --ids=lsh # another dataset, a baseline ID scheme of Table 2
     python prepare.py --force                  # rebuild even if the artefacts are up to date
+    python prepare.py --cold_start=0.05        # the cold-start experiment's IDs (Sec. 4.3), fitted
+                                               # without 5% of the test targets: out/beauty/rqvae-cold0.05/
 
 It writes into out/<dataset>/<ids>/:
     codes.npy    (n_items, L) int64, row i = the Semantic ID of item id i+1, collision token last
@@ -44,8 +46,9 @@ def scheme_config(config, ds):
     scheme, the seed, and that scheme's hyperparameters. Settings of other schemes are left out, so
     --lr=0.1 does not rebuild the LSH IDs. level_sizes tells the reader the range of each level."""
     keys = ['dataset', 'ids', 'seed'] + rqvae.SCHEME_KEYS[config['ids']]
+    cold = {'cold_start': config['cold_start']} if config['cold_start'] > 0 else {}  # absent: the main build
     return {**{k: config[k] for k in keys}, 'dataset': ds.name, 'n_items': ds.n_items,
-            'item_emb_md5': data.md5(ds.item_emb), 'level_sizes': rqvae.level_sizes(config)}
+            'item_emb_md5': data.md5(ds.item_emb), 'level_sizes': rqvae.level_sizes(config), **cold}
 
 
 def check_artefacts(folder, want, ds, out_dir):
@@ -64,7 +67,7 @@ def check_artefacts(folder, want, ds, out_dir):
         changed = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
         return f"the settings changed ({', '.join(changed)})"
     try:  # the very checks tiger.py makes when it reads the IDs
-        codes = data.load_codes(ds, want['ids'], out_dir)
+        codes = data.load_codes(ds, want['ids'], out_dir, cold_start=want.get('cold_start', 0.0))
     except data.InputError as e:
         return str(e).split('; run')[0]
     if want['ids'] == 'rqvae':
@@ -119,12 +122,12 @@ def main(argv):
     torch.manual_seed(config['seed'])
     np.random.seed(config['seed'])
     want = scheme_config(config, ds)
-    folder = os.path.join(config['out_dir'], ds.name, config['ids'])
+    folder = data.ids_folder(config['out_dir'], ds.name, config['ids'], config['cold_start'])
     with data.folder_lock(folder):  # one prepare.py at a time per ID folder
         reason = 'forced with --force' if config['force'] else check_artefacts(folder, want, ds, config['out_dir'])
         if reason is None:
             print(f"reusing the {config['ids']} IDs in {folder} (same settings; --force rebuilds)")
-            codes = data.load_codes(ds, config['ids'], config['out_dir'])
+            codes = data.load_codes(ds, config['ids'], config['out_dir'], cold_start=config['cold_start'])
             with open(os.path.join(folder, 'stats.json'), encoding='utf-8') as f:
                 stats = json.load(f)
             rqvae.report(config['ids'], stats)
@@ -133,7 +136,13 @@ def main(argv):
         print(f"building the {config['ids']} IDs for {ds.name} ({ds.n_items} items) in {folder}: {reason}")
         t0 = time.time()
         device = data.pick_device(config['device'])
-        codes, extra, model = rqvae.make_ids(ds.item_emb, want, device)
+        seen = None
+        if config['cold_start'] > 0:  # cold start (Sec. 4.3): the unseen items never reach the RQ-VAE
+            unseen = data.unseen_items(ds, config['cold_start'])
+            seen = ~np.isin(np.arange(1, ds.n_items + 1), unseen)
+            print(f"cold start: {len(unseen)} unseen items ({config['cold_start']:g} of the test targets); "
+                  f"the IDs are fitted on the other {seen.sum()}")
+        codes, extra, model = rqvae.make_ids(ds.item_emb, want, device, seen)
         stats = {**rqvae.all_stats(codes, want, extra, ds.items), 'build_seconds': round(time.time() - t0, 1),
                  'device': device, 'codes_md5': data.md5(codes)}   # ties stats.json to this very codes.npy
         files = {'codes.npy': lambda f: np.save(f, codes, allow_pickle=False),

@@ -53,6 +53,9 @@ lsh_bits = 8              # ... each from h = 8 random hyperplanes, so 2^8 = 256
 random_codes = 4          # paper: Random IDs are m = 4 codes ...
 random_codebook_size = 255  # ... drawn uniformly from 255 values
 collision_size = 256      # the collision code has this many values; a larger group is an error
+cold_start = 0.0          # > 0: IDs for the cold-start experiment (Sec. 4.3; paper 0.05): this share of
+                          # the test targets is unseen (data.unseen_items), left out of the RQ-VAE's
+                          # training and of the collision numbering; written to out/<dataset>/<ids>-cold<share>/
 DEFAULTS = data.settings(globals())  # prepare.py takes these same settings
 # the settings each scheme depends on: prepare.py rebuilds a scheme's IDs when one of these changes
 SCHEME_KEYS = {
@@ -68,7 +71,7 @@ RANGES = {  # what check_config accepts (data.check_settings)
                                'random_codes')},
     # a level of size K makes the decoder's prefix tables (n_prefixes, K): keep K in the thousands
     'codebook_size': '[2, 4096]', 'random_codebook_size': '[2, 4096]', 'lsh_bits': '[1, 12]',
-    'collision_size': '[1, inf)', 'seed': '[0, inf)',
+    'collision_size': '[1, inf)', 'seed': '[0, inf)', 'cold_start': '[0, 0.5]',
     'beta': '[0, inf)', 'lr': '(0, 10]', 'ids': data.ID_SCHEMES, 'optimizer': ('adamw', 'adagrad'),
     'device': ('auto', 'cpu', 'cuda'),
 }
@@ -77,6 +80,9 @@ RANGES = {  # what check_config accepts (data.check_settings)
 def check_config(config, n_items):
     """The settings' ranges, and whether the dataset is big enough for them."""
     data.check_settings(config, RANGES)
+    if config['cold_start'] > 0 and config['ids'] == 'rqkmeans':
+        raise data.InputError("--cold_start works with --ids=rqvae, lsh or random (RQ-KMeans would have to "
+                              "assign unseen items to centroids fitted without them; not written)")
     if config['ids'] in ('rqvae', 'rqkmeans'):
         # k-means needs at least one point per codeword: the RQ-VAE initialises its codebooks on
         # one batch, RQ-KMeans clusters all items
@@ -289,11 +295,15 @@ def rqvae_codes(model, emb, device='cpu'):
 # a group larger than collision_size would need an out-of-range code; we stop with an error that
 # says how to get smaller groups rather than silently wrapping or widening the level.
 
-def add_collision_token(codes, collision_size=256):
-    """codes (N, m) int -> (N, m + 1) int64, the last column numbering items with equal codes."""
+def add_collision_token(codes, collision_size=256, seen=None):
+    """codes (N, m) int -> (N, m + 1) int64, the last column numbering items with equal codes.
+    seen: (N,) bool, cold start only: the seen items of a group are numbered first, exactly as if
+    the unseen ones did not exist; unseen items follow (so every ID stays unique)."""
     codes = np.asarray(codes, dtype=np.int64)
     n = len(codes)
-    order = np.lexsort(codes.T[::-1])               # rows sorted by codes; ties keep item-id order (stable)
+    unseen = np.zeros(n, dtype=bool) if seen is None else ~np.asarray(seen, dtype=bool)
+    # rows sorted by codes, then seen before unseen; remaining ties keep item-id order (stable)
+    order = np.lexsort(np.vstack([unseen[None], codes.T[::-1]]))
     s = codes[order]
     new_group = np.ones(n, dtype=bool)
     new_group[1:] = (s[1:] != s[:-1]).any(1)        # first row of each run of equal codes
@@ -359,13 +369,18 @@ def level_sizes(cfg):
     return sizes + [cfg['collision_size']]
 
 
-def make_ids(emb, cfg, device='cpu'):
+def make_ids(emb, cfg, device='cpu', seen=None):
     """The one entry point: emb (N, 768), cfg a dict of the settings above (cfg['ids'] is the scheme).
-    Returns codes (N, L) int64 with the collision token last, extra statistics, and the model (or None)."""
+    seen: (N,) bool, cold start: only these items' embeddings train the RQ-VAE and only they are
+    numbered by the collision token; every item gets its codes. Returns codes (N, L) int64 with the
+    collision token last, extra statistics, and the model (or None)."""
     scheme, model, extra = cfg['ids'], None, {}
     level_sizes(cfg)  # rejects an unknown scheme before any work
+    if seen is not None and scheme == 'rqkmeans':
+        raise data.InputError("cold start is not written for --ids=rqkmeans")
     if scheme == 'rqvae':
-        model, log = train_rqvae(emb, cfg['n_levels'], cfg['codebook_size'], cfg['latent_dim'], cfg['beta'],
+        fit = emb if seen is None else emb[np.asarray(seen, dtype=bool)]   # never an unseen embedding
+        model, log = train_rqvae(fit, cfg['n_levels'], cfg['codebook_size'], cfg['latent_dim'], cfg['beta'],
                                  cfg['optimizer'], cfg['lr'], cfg['batch_size'], cfg['n_epochs'],
                                  cfg['kmeans_iters'], cfg['reset_dead_codes'], cfg['seed'], device)
         codes, extra['recon_error'] = rqvae_codes(model, emb, device)
@@ -376,7 +391,7 @@ def make_ids(emb, cfg, device='cpu'):
         codes = lsh_ids(emb, cfg['lsh_codes'], cfg['lsh_bits'], cfg['seed'])
     else:
         codes = random_ids(len(emb), cfg['random_codes'], cfg['random_codebook_size'], cfg['seed'])
-    return add_collision_token(codes, cfg['collision_size']), extra, model
+    return add_collision_token(codes, cfg['collision_size'], seen), extra, model
 
 
 def build_model(cfg, in_dim=768):
@@ -477,7 +492,9 @@ if __name__ == '__main__':
         check_config(config, ds.n_items)
         t0 = time.time()
         dev = data.pick_device(config['device'])
-        codes, extra, _ = make_ids(ds.item_emb, config, dev)
+        unseen = data.unseen_items(ds, config['cold_start'])
+        seen = ~np.isin(np.arange(1, ds.n_items + 1), unseen) if len(unseen) else None
+        codes, extra, _ = make_ids(ds.item_emb, config, dev, seen)
         report(config['ids'], all_stats(codes, config, extra, ds.items))
         print(f"  took {time.time() - t0:.0f} s on {dev}")
     except data.InputError as e:

@@ -43,6 +43,9 @@ out_dir = "out"           # the IDs are in out/<dataset>/<ids>/, this run goes t
 run = "tiger"             # name of this run's folder (letters, digits, . _ -)
 overwrite = False         # start over in a run folder that holds an earlier run (else: an error)
 resume = False            # continue the run in <run folder>/ckpt.pt
+cold_start = 0.0          # > 0: the cold-start experiment (Sec. 4.3; paper 0.05): train without this
+                          # share of the test targets (data.unseen_items), on the IDs prepare.py
+                          # --cold_start built in out/<dataset>/<ids>-cold<share>/; eval.py --cold_start scores it
 # the model (TIGERConfig)
 n_layer = 2               # encoder layers and decoder layers (paper: 4 + 4)
 n_head = 2                # paper: 6
@@ -86,7 +89,7 @@ DEFAULTS = data.settings(globals())  # the run's settings start from these; the 
 RANGES = {  # what validate_settings accepts; beam_size >= 10 because the metrics go up to K = 10
     **{k: "[1, inf)" for k in ("n_layer", "n_head", "head_dim", "d_model", "d_ff", "n_user_buckets",
                                "batch_size", "max_steps", "eval_every", "eval_batch_size", "patience")},
-    **{k: "[0, 1)" for k in ("dropout", "item_dropout", "user_dropout", "ema")},
+    **{k: "[0, 1)" for k in ("dropout", "item_dropout", "user_dropout", "ema")}, "cold_start": "[0, 0.5]",
     **{k: "[0, inf)" for k in ("warmup_steps", "eval_users", "seed")},
     "beam_size": "[10, inf)", "lr": "(0, 1]", "weight_decay": "[0, 1]", "grad_clip": "(0, inf)",
     "ids": data.ID_SCHEMES, "softmax": ("level", "full"), "optimizer": ("adamw", "adafactor"),
@@ -357,8 +360,10 @@ class PrefixTables:
     the id of that longer prefix (-1 if none). Beam search needs two gathers per step; items_of()
     follows the same tables to map a finished ID back to its item."""
 
-    def __init__(self, tokenizer, device="cpu"):
-        codes = tokenizer.codes
+    def __init__(self, tokenizer, device="cpu", items=None):
+        # items: the item ids decoding may return (default all; cold start: the seen items only)
+        items = np.arange(1, len(tokenizer.codes) + 1) if items is None else np.asarray(items)
+        codes = tokenizer.codes[items - 1]
         n, L = codes.shape
         sizes = tokenizer.level_sizes
         prefix_id = [np.zeros(n, dtype=np.int64)]  # level 0: the empty prefix, id 0, for every item
@@ -375,14 +380,19 @@ class PrefixTables:
             self.next.append(torch.from_numpy(nxt).to(device))
         # a full-length prefix is one item's whole ID (IDs are unique): its id -> that item's id
         item_of_prefix = np.zeros(n, dtype=np.int64)
-        item_of_prefix[prefix_id[L]] = np.arange(1, n + 1)
+        item_of_prefix[prefix_id[L]] = items
         self.item_of_prefix = torch.from_numpy(item_of_prefix).to(device)
+
+    def prefix_of(self, codes):
+        """codes (..., l) -> the id of that length-l prefix (...), -1 where no item starts with it."""
+        prefix = torch.zeros(codes.shape[:-1], dtype=torch.long, device=codes.device)
+        for l in range(codes.shape[-1]):  # follow the tables; -1 (no such prefix) stays -1
+            prefix = torch.where(prefix >= 0, self.next[l][prefix.clamp(min=0), codes[..., l]], prefix)
+        return prefix
 
     def items_of(self, codes):
         """codes (..., L) -> item ids (...), 0 where the tuple is no item (an invalid ID)."""
-        prefix = torch.zeros(codes.shape[:-1], dtype=torch.long, device=codes.device)
-        for l, nxt in enumerate(self.next):  # follow the tables; -1 (no such prefix) stays -1
-            prefix = torch.where(prefix >= 0, nxt[prefix.clamp(min=0), codes[..., l]], prefix)
+        prefix = self.prefix_of(codes)
         return torch.where(prefix >= 0, self.item_of_prefix[prefix.clamp(min=0)], torch.zeros_like(prefix))
 
 
@@ -399,9 +409,11 @@ def conditioned_gumbels(parent, g):
 
 
 @torch.no_grad()
-def beam_search(model, enc, tables, beam_size, constrained=True, temperature=0.0, generator=None):
+def beam_search(model, enc, tables, beam_size, constrained=True, temperature=0.0, generator=None,
+                n_levels=None):
     """enc: (B, T) encoder tokens. Returns (codes (B, beam, L) long, scores (B, beam)); scores are
-    log p(item) (up to float rounding). At level l only level l's codes are candidates, and
+    log p(item) (up to float rounding). n_levels < L stops after that many levels: the best
+    prefixes and their log p(prefix) (cold start, below). At level l only level l's codes are candidates, and
     (constrained) only those that extend the beam's prefix to a prefix of some real item. A
     returned ID with score -inf is a filler (fewer valid IDs than beams).
 
@@ -411,7 +423,7 @@ def beam_search(model, enc, tables, beam_size, constrained=True, temperature=0.0
     perturbed log q_T, and the beam keeps the largest (Gumbel-top-k over whole IDs, level by level).
     A larger T flattens q_T: more diverse recommendations (paper Sec. 4.3, Table 3)."""
     levels = model.config.levels
-    B, L, dev = enc.shape[0], len(levels), enc.device
+    B, L, dev = enc.shape[0], n_levels or len(levels), enc.device
     memory, cross_bias = model.encode(enc)
     caches = [{"self": {}, "cross": {}} for _ in model.decoder]
     tokens = torch.full((B, 1), data.BOS, device=dev)        # the current last token of each beam
@@ -460,6 +472,63 @@ def ranked_items(tables, codes, scores):
     """Beam search's output as a ranking: (B, beam) item ids, 0 for an invalid ID or a filler."""
     items = tables.items_of(codes)
     return torch.where(torch.isfinite(scores), items, torch.zeros_like(items))
+
+
+# Cold start (Sec. 4.3, Fig. 5). A model trained without the unseen items (data.unseen_items) has
+# never seen their last code, the collision token, but their first L-1 codes come from their
+# content. The paper's rule: a predicted ID returns the seen item with that ID, and the unseen items
+# whose first L-1 codes match join the candidates; epsilon is the largest share of unseen items in
+# the top K. Where the paper is silent, we define:
+#   seen ranking    the usual constrained beam search over the seen items' IDs, by log p(item)
+#   unseen ranking  the same beam search stopped after L-1 levels, over the prefixes of all items;
+#                   each unseen item under a returned prefix scores log p(prefix)
+#   the top K       both rankings merged by score (seen first on a tie); walking down the merge, a
+#                   seen item is always taken, an unseen one only while fewer than floor(epsilon*K)
+#                   are taken. epsilon = 0 gives the seen ranking, epsilon = 1 the plain merge.
+# An unseen item's score lacks the factor p(c_L | ...) <= 1 of a seen one, which favours it: the
+# cap is what keeps the unseen items from crowding out the seen ones.
+
+def unseen_table(tables, codes, unseen):
+    """(n_prefixes, G) item ids: the unseen items under each (L-1)-code prefix, 0-padded (G = the
+    most under one prefix). tables: PrefixTables over all items; codes: the (n_items, L) table."""
+    L = codes.shape[1]
+    prefix = tables.prefix_of(torch.from_numpy(codes[np.asarray(unseen) - 1, :L - 1])).cpu().numpy()
+    order = np.argsort(prefix, kind="stable")
+    p = prefix[order]
+    first = np.searchsorted(p, p)                  # where each prefix's run starts
+    rank = np.arange(len(p)) - first               # position inside its prefix
+    table = np.zeros((tables.allowed[L - 1].shape[0], rank.max() + 1 if len(p) else 1), dtype=np.int64)
+    table[p, rank] = np.asarray(unseen)[order]
+    return torch.from_numpy(table).to(tables.allowed[0].device)
+
+
+@torch.no_grad()
+def unseen_candidates(model, enc, tables, table, beam_size):
+    """The unseen ranking of a batch: (B, beam*G) item ids and scores log p(prefix) (-inf: none).
+    tables: over all items (prefixes of unseen items too); table: unseen_table()."""
+    codes, scores = beam_search(model, enc, tables, beam_size, n_levels=len(model.config.levels) - 1)
+    items = table[tables.prefix_of(codes).clamp(min=0)]                            # (B, beam, G)
+    scores = scores.float().unsqueeze(-1).expand(items.shape)
+    scores = torch.where((items > 0) & torch.isfinite(scores), scores, torch.full_like(scores, float("-inf")))
+    return items.flatten(1), scores.flatten(1)
+
+
+def epsilon_top_k(seen, seen_scores, unseen, unseen_scores, k, epsilon):
+    """The top k under the epsilon rule above. seen (B, n), unseen (B, m): item ids, with their
+    scores (-inf: no item). Returns (B, k) item ids, best first, 0 where there are fewer than k."""
+    cap = math.floor(epsilon * k + 1e-9)           # at most this many unseen items
+    items = torch.cat([seen, unseen], 1)
+    scores = torch.cat([seen_scores.float(), unseen_scores.float()], 1)
+    is_unseen = torch.cat([torch.zeros_like(seen, dtype=torch.bool), torch.ones_like(unseen, dtype=torch.bool)], 1)
+    order = scores.sort(dim=1, descending=True, stable=True).indices  # the merge; seen first on a tie
+    items, scores, is_unseen = items.gather(1, order), scores.gather(1, order), is_unseen.gather(1, order)
+    unseen_ahead = is_unseen.long().cumsum(1) - is_unseen.long()      # unseen items before this one
+    taken = torch.isfinite(scores) & (~is_unseen | (unseen_ahead < cap))
+    position = taken.long().cumsum(1)                                 # 1-based, among the taken
+    row, col = (taken & (position <= k)).nonzero(as_tuple=True)
+    top = torch.zeros(len(items), k, dtype=items.dtype, device=items.device)
+    top[row, position[row, col] - 1] = items[row, col]
+    return top
 
 
 @torch.no_grad()
@@ -697,7 +766,8 @@ def train(s, run_dir, argv=()):
     dev = data.pick_device(s["device"])
     provenance = data.provenance("tiger.py", list(argv), dev)  # the code as it is now, at the start
     ds = data.load_dataset(s["dataset"])
-    codes = data.load_codes(ds, s["ids"], s["out_dir"], s["dataset"])
+    codes = data.load_codes(ds, s["ids"], s["out_dir"], s["dataset"], s["cold_start"])
+    unseen = data.unseen_items(ds, s["cold_start"])   # cold start: items no training example holds
     fingerprint = ids_fingerprint(codes, ds)
     if ckpt is not None and ckpt["ids_fingerprint"] != fingerprint:
         raise data.InputError(f"--resume: the Semantic IDs or data of this run changed after it started "
@@ -706,8 +776,8 @@ def train(s, run_dir, argv=()):
                               f"--ckpt={best_path}` (it keeps its own IDs), or start a new run")
     tokenizer = data.Tokenizer(codes, s["n_user_buckets"])
     user_tok = tokenizer.user_tokens(ds.users) if s["user_token"] else None   # (n_users,) or none
-    tables = PrefixTables(tokenizer, dev)
-    train_ex, valid, test = data.split(ds)
+    tables = PrefixTables(tokenizer, dev, np.setdiff1d(np.arange(1, ds.n_items + 1), unseen))  # seen items
+    train_ex, valid, test = data.split(ds, unseen)
     torch.manual_seed(s["seed"])
     model_config = model_config_for(tokenizer, s)
     model = TIGER(model_config).to(dev)
@@ -719,6 +789,9 @@ def train(s, run_dir, argv=()):
           f"{tokenizer.vocab_size}): {n_params / 1e6:.2f}M parameters, device {dev}, "
           f"{'float32' if autocast is contextlib.nullcontext else 'bf16 autocast'}")
     print(f"examples: {len(train_ex):,} train, {len(valid):,} valid, {len(test):,} test")
+    if len(unseen):
+        print(f"cold start: {len(unseen)} unseen items, in no training example; validation and test "
+              f"decode the seen items only (eval.py --cold_start adds the unseen ones)")
     opt = make_optimizer(model, s)
     if s["bench"]:
         return benchmark(model, opt, train_ex, valid, tokenizer, user_tok, tables, s, dev, autocast)
@@ -818,8 +891,8 @@ def main(argv):
     """`python tiger.py [config file] [--key=value ...]`: train, select on validation, test once."""
     settings = data.configure(DEFAULTS, argv)
     validate_settings(settings)
-    run_dir = os.path.join(settings["out_dir"], data.dataset_name(settings["dataset"]), settings["ids"],
-                           settings["run"])
+    run_dir = os.path.join(data.ids_folder(settings["out_dir"], data.dataset_name(settings["dataset"]),
+                                           settings["ids"], settings["cold_start"]), settings["run"])
     if settings["bench"]:  # measures only, writes nothing
         return train(settings, run_dir, argv)
     with data.folder_lock(run_dir):  # one live run per folder
