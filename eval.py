@@ -16,6 +16,7 @@ Drivers after the functions (they load a checkpoint written by tiger.py):
   python eval.py --ckpt=... --split=valid --beam_size=80   # the same checkpoint, a wider beam
   python eval.py --temperature=1.5 --beam_size=50          # sampled top-50: diversity (Table 3)
   python eval.py --history=B004756YJA,B004ZT0SSG,17        # recommend for any history (ids or ASINs)
+  python eval.py --ckpt=out/beauty/rqvae-cold0.05/tiger/best.pt --cold_start   # cold start (Fig. 5)
   python eval.py --report=out             # every finished run under out/, as Markdown tables
 """
 import json
@@ -24,6 +25,7 @@ import sys
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 import data
 
@@ -129,6 +131,35 @@ def category_mix(items, targets, category, names, k=10, n_targets=3, n_shown=3):
         mix = ", ".join(f"{names[i]} {counts[i].item() / len(shown):.0%}" for i in top if counts[i] > 0)
         lines.append(f"target {names[c]} ({(target_cat == c).sum().item()} users): top-{k} {mix}")
     return lines
+
+
+def semantic_knn(item_emb, history, length, k, query="last", batch_size=1024):
+    """Semantic_KNN, the cold-start baseline of Sec. 4.3 ("we use the semantic representation
+    space to perform the nearest-neighbor search"): the k items whose content embeddings are
+    nearest (cosine) to a query built from the history, the history's own items left out. The paper
+    does not say what the query is; query = "last": the last history item's embedding (the item a
+    next purchase most resembles), "mean": the mean of the history's. item_emb: (n_items, d);
+    history: (N, H) item ids, 0-padded; length: (N,). Returns (N, k) item ids, best first."""
+    emb = torch.nn.functional.normalize(torch.as_tensor(item_emb, dtype=torch.float32), dim=1)
+    emb = torch.cat([torch.zeros(1, emb.shape[1]), emb])                     # row 0: padding
+    out = []
+    for start in range(0, len(history), batch_size):
+        h = torch.as_tensor(history[start:start + batch_size])               # (b, H)
+        n = torch.as_tensor(length[start:start + batch_size])                # (b,)
+        if query == "last":
+            q = emb[h.gather(1, (n - 1)[:, None]).squeeze(1)]                # (b, d)
+        else:
+            q = emb[h].sum(1) / n[:, None]                                   # padding rows are 0
+        sim = q @ emb.T                                                      # (b, n_items + 1)
+        sim.scatter_(1, h, float("-inf"))                                    # history and padding out
+        out.append(sim.topk(k, dim=1).indices)
+    return torch.cat(out)
+
+
+def recall_curve(items, targets, ks):
+    """Recall@K for every K in ks. items: (N, >= max(ks)) item ids; a list of floats."""
+    r = recall_ndcg(ranks_of(items, targets), ks)
+    return [r[f"recall@{k}"] for k in ks]
 
 
 def most_popular(dataset, examples, k=max(KS)):
@@ -251,10 +282,16 @@ beam_size = 0             # >= 10: decode with this many beams instead of the ch
 temperature = 0.0         # > 0: sample the ranking at this temperature instead of beam search (Table 3)
 history = ""              # item ids or ASINs, comma-separated, oldest first: recommend for this history
 seed = 0                  # the sampling's seed
+cold_start = False        # the cold-start protocol (Sec. 4.3, Fig. 5), for a checkpoint trained with
+                          # tiger.py --cold_start: TIGER at several epsilon vs Semantic_KNN
+epsilon = 0.0             # a cold-start checkpoint's --history and --demo: the largest share of
+                          # unseen items in the top 10 (0: seen items only; paper's Fig. 5a: 0.1)
 report = ""               # a folder: print the results tables of every finished run under it
 DEFAULTS = data.settings(globals())
 RANGES = {"split": ("valid", "test"), "demo": "[0, inf)", "beam_size": "[0, inf)", "temperature": "[0, 100]",
-          "seed": "[0, inf)"}
+          "seed": "[0, inf)", "epsilon": "[0, 1]"}
+EPSILONS = (0.0, 0.05, 0.1, 0.2, 0.5, 1.0)   # the cold-start sweep (Fig. 5b)
+COLD_KS = tuple(range(1, 21))                # Recall@K for K = 1..20 (Fig. 5a)
 
 
 def show(ds, tokenizer, header, history, top, target=None):
@@ -313,10 +350,18 @@ def main(argv):
         raise data.InputError(f"{config['ckpt']} was trained on another version of dataset "
                               f"{trained_with['dataset']} (its Semantic IDs do not fit it, or its items, "
                               f"embeddings or sequences differ); it cannot be scored on this one")
-    _, valid, test = data.split(ds)
+    unseen = data.unseen_items(ds, trained_with.get("cold_start", 0.0))  # cold start: never trained on
+    if (config["cold_start"] or config["epsilon"] > 0) and not len(unseen):
+        raise data.InputError(f"{config['ckpt']} was not trained for cold start; --cold_start and --epsilon "
+                              f"need a run of `python prepare.py --cold_start=0.05 && python tiger.py "
+                              f"--cold_start=0.05`")
+    _, valid, test = data.split(ds, unseen)
     examples = valid if config["split"] == "valid" else test
     beam = config["beam_size"] or trained_with["beam_size"]
-    tables = tiger.PrefixTables(tokenizer, dev)
+    tables = tiger.PrefixTables(tokenizer, dev, np.setdiff1d(np.arange(1, ds.n_items + 1), unseen))
+    if len(unseen):  # the unseen items' candidates: prefixes of all items, and who sits under them
+        all_tables = tiger.PrefixTables(tokenizer, dev)
+        unseen_of_prefix = tiger.unseen_table(all_tables, tokenizer.codes, unseen)
     user_tok = tokenizer.user_tokens(ds.users) if trained_with["user_token"] else None
     autocast = tiger.make_autocast(dev, trained_with["precision"])
     how = (f"{'constrained' if config['constrained'] else 'unconstrained'} "
@@ -324,12 +369,21 @@ def main(argv):
               else f"beam search, beam {beam}"))
     generator = torch.Generator(device=dev).manual_seed(config["seed"])
 
-    def recommend(batch):  # the ranked items (B, beam) of a batch, decoded as configured
+    def recommend(batch, epsilon=0.0):  # the ranked items (B, beam) of a batch, decoded as configured
         model.eval()
         with autocast():
             codes, scores = tiger.beam_search(model, batch["enc"].to(dev), tables, beam,
                                               config["constrained"], config["temperature"], generator)
-        return tiger.ranked_items(tables, codes, scores).cpu()
+            items = tiger.ranked_items(tables, codes, scores)
+            if epsilon > 0:  # cold start: let unseen items in, at most epsilon of the top 10
+                new, new_scores = tiger.unseen_candidates(model, batch["enc"].to(dev), all_tables,
+                                                          unseen_of_prefix, beam)
+                items = tiger.epsilon_top_k(items, scores, new, new_scores, 10, epsilon)
+        return items.cpu()
+
+    if config["cold_start"]:
+        return score_cold_start(config, argv, model, tiger, ds, examples, tokenizer, user_tok, tables,
+                                all_tables, unseen_of_prefix, unseen, beam, trained_with, dev, autocast)
 
     if config["history"]:  # any history: a user the model never saw, so no user token (PAD)
         history = parse_history(config["history"], ds)[-data.MAX_HISTORY:]
@@ -337,7 +391,7 @@ def main(argv):
                             length=np.array([len(history)]), target=history[-1:],
                             position=np.array([len(history)]))
         pad_user = torch.tensor([data.PAD]) if trained_with["user_token"] else None
-        top = recommend(data.make_batch(one, [0], tokenizer, pad_user))[0].tolist()
+        top = recommend(data.make_batch(one, [0], tokenizer, pad_user), config["epsilon"])[0].tolist()
         show(ds, tokenizer, f"{config['ckpt']}, {how}", history, top)
         return top
     if config["demo"] > 0:
@@ -345,7 +399,7 @@ def main(argv):
             raise data.InputError(f"--demo={config['demo']}, but the {config['split']} split has only "
                                   f"{len(examples)} users")
         idx = np.random.default_rng(0).choice(len(examples), config["demo"], replace=False)
-        top = recommend(data.make_batch(examples, idx, tokenizer, user_tok))
+        top = recommend(data.make_batch(examples, idx, tokenizer, user_tok), config["epsilon"])
         print(f"{config['ckpt']} (step {saved['step']}), {how} ({config['split']} users):\n")
         for j, i in enumerate(idx):
             show(ds, tokenizer, f"user {ds.users[examples.user[i]]}",
@@ -363,6 +417,66 @@ def main(argv):
         print("\n".join(["  categories of the top 10 (Table 4):"]
                         + ["    " + line for line in category_mix(items, targets, category, names)]))
     print("  most popular: " + ", ".join(f"{k} {v:.4f}" for k, v in most_popular(ds, examples).items()))
+    name = (f"eval_{config['split']}_{'' if config['constrained'] else 'free_'}beam{beam}"
+            + (f"_T{config['temperature']:g}_seed{config['seed']}" if config["temperature"] > 0 else "") + ".json")
+    path = os.path.join(os.path.dirname(config["ckpt"]), name)
+    data.write_json(path, {"metrics": result, "checkpoint_step": saved["step"],
+                           "provenance": data.provenance("eval.py", list(argv), dev)})
+    print(f"  written to {path}")
+    return result
+
+
+def score_cold_start(config, argv, model, tiger, ds, examples, tokenizer, user_tok, tables, all_tables,
+                     unseen_of_prefix, unseen, beam, trained_with, dev, autocast):
+    """The cold-start protocol (Sec. 4.3, Fig. 5) on one split: per user, TIGER's seen ranking and
+    its unseen candidates (tiger.py, "Cold start"), then Recall@1..20 under each epsilon of EPSILONS,
+    and Semantic_KNN, separately for the users whose held-out item is unseen (the cold-start users)
+    and for the others. Written to cold_start_<split>.json beside the checkpoint."""
+    order = np.argsort(examples.length, kind="stable")          # similar lengths batch together
+    seen_items, seen_scores, new_items, new_scores = [], [], [], []
+    bs = trained_with["eval_batch_size"]
+    model.eval()
+    for start in tqdm(range(0, len(order), bs), desc="cold start"):
+        enc = data.make_batch(examples, order[start:start + bs], tokenizer, user_tok)["enc"].to(dev)
+        with torch.no_grad(), autocast():
+            codes, scores = tiger.beam_search(model, enc, tables, beam)
+            items, more = tiger.ranked_items(tables, codes, scores), tiger.unseen_candidates(
+                model, enc, all_tables, unseen_of_prefix, beam)
+        seen_items.append(items.cpu()), seen_scores.append(scores.float().cpu())
+        new_items.append(more[0].cpu()), new_scores.append(more[1].cpu())
+    width = max(x.shape[1] for x in new_items)                  # pad the batches' candidates to one width
+    new_items = torch.cat([torch.nn.functional.pad(x, (0, width - x.shape[1])) for x in new_items])
+    new_scores = torch.cat([torch.nn.functional.pad(x, (0, width - x.shape[1]), value=float("-inf"))
+                            for x in new_scores])
+    seen_items, seen_scores = torch.cat(seen_items), torch.cat(seen_scores)
+    targets = torch.from_numpy(examples.target[order])
+    cold = torch.from_numpy(np.isin(examples.target[order], unseen))  # users whose held-out item is unseen
+    groups = {"unseen_target": cold, "seen_target": ~cold}
+    k_max = max(COLD_KS)
+    result = {"split": config["split"], "beam_size": beam, "ks": list(COLD_KS),
+              "users": {g: int(m.sum()) for g, m in groups.items()}, "n_unseen_items": len(unseen),
+              "tiger": {}, "semantic_knn": {}}
+    for eps in EPSILONS:
+        tops = {k: tiger.epsilon_top_k(seen_items, seen_scores, new_items, new_scores, k, eps) for k in COLD_KS}
+        result["tiger"][f"{eps:g}"] = {g: [ranks_of(tops[k][m], targets[m]).gt(0).double().mean().item()
+                                           for k in COLD_KS] for g, m in groups.items()}
+    for query in ("last", "mean"):
+        knn = semantic_knn(ds.item_emb, examples.history[order], examples.length[order], k_max, query)
+        result["semantic_knn"][query] = {g: recall_curve(knn[m], targets[m], COLD_KS) for g, m in groups.items()}
+    result["provenance"] = data.provenance("eval.py", list(argv), dev)
+    path = os.path.join(os.path.dirname(config["ckpt"]), f"cold_start_{config['split']}.json")
+    data.write_json(path, result)
+    print(f"{config['ckpt']}, cold start on {config['split']}: {len(unseen)} unseen items; "
+          f"{result['users']['unseen_target']} users with an unseen held-out item, "
+          f"{result['users']['seen_target']} with a seen one; beam {beam}")
+    print(f"  {'':22s} {'unseen-target users: R@1':>25s} {'R@5':>7s} {'R@10':>7s} {'R@20':>7s}  "
+          f"seen-target users: R@10")
+    rows = [(f"TIGER, epsilon {e}", v) for e, v in result["tiger"].items()]
+    rows += [(f"Semantic_KNN ({q})", v) for q, v in result["semantic_knn"].items()]
+    for label, v in rows:
+        u = v["unseen_target"]
+        print(f"  {label:22s} {u[0]:25.4f} {u[4]:7.4f} {u[9]:7.4f} {u[19]:7.4f}  {v['seen_target'][9]:.4f}")
+    print(f"  written to {path}")
     return result
 
 

@@ -75,6 +75,23 @@ def test_split_never_leaks_the_future(beauty):
     assert (valid.position == test.position - 1).all()
 
 
+def test_cold_start_split_has_no_unseen_item_in_any_training_example(beauty):
+    unseen = data.unseen_items(beauty, 0.05)
+    targets = np.unique([seq[-1] for seq in beauty.sequences])
+    assert len(unseen) == round(0.05 * len(targets)) and np.isin(unseen, targets).all()
+    assert np.array_equal(unseen, data.unseen_items(beauty, 0.05))          # the same choice every time
+    train, valid, test = data.split(beauty, unseen)
+    assert not np.isin(train.target, unseen).any() and not np.isin(train.history, unseen).any()
+    # every other training item is still trained on (as a target, or as the first item of a
+    # sequence that now starts with it), and validation and test are untouched
+    full_train, full_valid, full_test = data.split(beauty)
+    kept = np.setdiff1d(np.unique(np.concatenate([full_train.target, full_train.history[:, 0]])), unseen)
+    assert np.array_equal(np.unique(np.concatenate([train.target, train.history[:, 0]])), kept)
+    for a, b in ((valid, full_valid), (test, full_test)):
+        assert np.array_equal(a.history, b.history) and np.array_equal(a.target, b.target)
+    assert np.isin(test.target, unseen).sum() > 0 and len(data.unseen_items(beauty, 0.0)) == 0
+
+
 def _write_dataset(folder, seq_lines, items=3, emb=None):
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "sequences.txt"), "w") as f:
@@ -370,6 +387,33 @@ def test_collision_token_makes_ids_unique_and_keeps_prefixes():
     assert np.array_equal(ids[:, :3], codes)
     assert ids[:, 3].tolist() == [0, 0, 1, 0, 2, 1]      # numbered in item order inside each group
     assert len(np.unique(ids, axis=0)) == 6
+
+
+def test_collision_token_numbers_seen_items_as_if_unseen_ones_did_not_exist():
+    codes = np.array([[1, 2, 3], [0, 0, 0], [1, 2, 3], [4, 5, 6], [1, 2, 3], [0, 0, 0]])
+    seen = np.array([False, True, True, True, True, False])
+    ids = rqvae.add_collision_token(codes, seen=seen)
+    assert np.array_equal(ids[seen], rqvae.add_collision_token(codes[seen]))  # seen: exactly as without
+    assert ids[:, 3].tolist() == [2, 0, 0, 0, 1, 1]                          # unseen follow in their group
+    assert len(np.unique(ids, axis=0)) == 6
+
+
+def test_cold_start_ids_are_fitted_without_the_unseen_embeddings():
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((400, 16)).astype(np.float32)
+    seen = rng.random(400) > 0.2
+    other = emb.copy()
+    other[~seen] = 10 * rng.standard_normal(((~seen).sum(), 16))              # change only the unseen items
+    cfg = {**rqvae.DEFAULTS, "ids": "rqvae", "n_levels": 2, "codebook_size": 8, "latent_dim": 4,
+           "batch_size": 128, "n_epochs": 2, "kmeans_iters": 3, "seed": 0}
+    codes_a, _, model_a = rqvae.make_ids(emb, cfg, seen=seen)
+    codes_b, _, model_b = rqvae.make_ids(other, cfg, seen=seen)
+    # the same RQ-VAE whatever the unseen items look like: it never saw them ...
+    assert all(torch.equal(v, model_b.state_dict()[k]) for k, v in model_a.state_dict().items())
+    assert np.array_equal(codes_a[seen], codes_b[seen])
+    # ... yet every unseen item gets the codes of its own embedding
+    assert (codes_a[~seen, :2] != codes_b[~seen, :2]).any()
+    assert np.array_equal(codes_b[~seen, :2], rqvae.rqvae_codes(model_b, other[~seen])[0])
 
 
 def test_collision_group_larger_than_the_token_range_is_an_error():
@@ -738,16 +782,17 @@ def test_incremental_decoding_with_cache_equals_full_forward():
     assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)
 
 
-def sequence_logprobs(model, enc, tokenizer):
-    """Brute force: the exact log-probability of every item's Semantic ID for each user, (B, n_items):
-    one teacher-forced pass per (user, item), summing log p(code) over the levels."""
+def sequence_logprobs(model, enc, tokenizer, n_levels=None):
+    """Brute force: the exact log-probability of every item's Semantic ID (or of its first n_levels
+    codes) for each user, (B, n_items): one teacher-forced pass per (user, item), summing log p(code)
+    over the levels."""
     items = tokenizer.item_tokens[1:]                                       # (n_items, L)
     B, n = enc.shape[0], len(items)
     target = items.repeat(B, 1)
     dec_in = torch.cat([torch.full((B * n, 1), data.BOS), target[:, :-1]], 1)
     states, _ = model(enc.repeat_interleave(n, 0), dec_in)
     logp = sum(model.code_logprobs(states[:, l], l).gather(1, target[:, l:l + 1] - first)[:, 0]
-               for l, (first, _) in enumerate(tokenizer.levels))
+               for l, (first, _) in enumerate(tokenizer.levels[:n_levels]))
     return logp.view(B, n)
 
 
@@ -770,6 +815,63 @@ def test_beam_search_matches_brute_force(softmax):
     items = tables.items_of(got)
     assert (items > 0).all() and items.shape == (4, 3)
     assert torch.allclose(scores, brute.gather(1, items - 1), atol=1e-5)
+
+
+def test_unseen_candidates_are_the_unseen_items_under_the_best_prefixes():
+    codes = tiny_codes()                       # items 1 and 2 share their first three codes
+    tok = data.Tokenizer(codes, n_user_buckets=10)
+    unseen = np.array([1, 6, 11])
+    seen_tables = tiger.PrefixTables(tok, items=np.setdiff1d(np.arange(1, 15), unseen))
+    all_tables = tiger.PrefixTables(tok)
+    table = tiger.unseen_table(all_tables, codes, unseen)
+    model = tiny(tok.vocab_size, tok.levels).eval()
+    enc = torch.cat([torch.full((4, 1), tok.user_offset), tok.item_tokens[torch.randint(1, 15, (4, 3))].flatten(1)], 1)
+    # the seen ranking never returns an unseen item
+    got, _ = tiger.beam_search(model, enc, seen_tables, beam_size=14)
+    items = tiger.ranked_items(seen_tables, got, _)
+    assert not np.isin(items.numpy(), unseen).any() and set(items[items > 0].tolist()) <= set(range(1, 15))
+    # a beam over all 13 prefixes finds every unseen item once, scored log p(its first three codes)
+    new, scores = tiger.unseen_candidates(model, enc, all_tables, table, beam_size=13)
+    prefix_logp = sequence_logprobs(model, enc, tok, n_levels=3)             # (4, 14)
+    for b in range(4):
+        found = new[b][new[b] > 0]
+        assert sorted(found.tolist()) == unseen.tolist()
+        assert torch.allclose(scores[b][new[b] > 0], prefix_logp[b, found - 1], atol=1e-5)
+    # a narrower beam keeps only the unseen items under its best prefixes
+    new, _ = tiger.unseen_candidates(model, enc, all_tables, table, beam_size=3)
+    best, _ = tiger.beam_search(model, enc, all_tables, beam_size=3, n_levels=3)   # (4, 3, 3)
+    for b in range(4):
+        under = [u for u in unseen if codes[u - 1, :3].tolist() in best[b].tolist()]
+        assert sorted(new[b][new[b] > 0].tolist()) == under
+
+
+def test_epsilon_rule_on_a_hand_made_ranking():
+    seen, seen_s = torch.tensor([[11, 12, 13, 14]]), torch.tensor([[-1.0, -2.0, -3.0, -4.0]])
+    new, new_s = torch.tensor([[21, 22, 23, 0]]), torch.tensor([[-0.5, -1.5, -5.0, float("-inf")]])
+    top = lambda k, eps: tiger.epsilon_top_k(seen, seen_s, new, new_s, k, eps)[0].tolist()
+    assert top(4, 0.0) == [11, 12, 13, 14]                 # epsilon 0: exactly the seen ranking
+    assert top(4, 0.25) == [21, 11, 12, 13]                # at most floor(0.25 * 4) = 1 unseen item
+    assert top(4, 0.5) == [21, 11, 22, 12]                 # 2 allowed, in the order of the scores
+    assert top(4, 1.0) == [21, 11, 22, 12]                 # the cap is not reached: the plain merge
+    assert top(7, 1.0) == [21, 11, 22, 12, 13, 14, 23]
+    assert top(5, 0.3) == [21, 11, 12, 13, 14]             # floor(1.5) = 1
+    assert top(9, 1.0) == [21, 11, 22, 12, 13, 14, 23, 0, 0]   # fewer candidates than k: 0-padded
+    for k in range(1, 8):
+        for eps in (0.0, 0.1, 0.3, 0.5, 1.0):
+            got = torch.tensor(top(k, eps))
+            assert (got > 20).sum() <= int(eps * k + 1e-9)
+    # on a tie a seen item goes first
+    tie = tiger.epsilon_top_k(seen, seen_s, torch.tensor([[21]]), torch.tensor([[-2.0]]), 3, 1.0)
+    assert tie[0].tolist() == [11, 12, 21]
+
+
+def test_semantic_knn_ranks_by_cosine_and_leaves_the_history_out():
+    emb = np.array([[1, 0], [0.9, 0.2], [0, 1], [0.2, 0.9], [0.7, 0.7]], dtype=np.float32)  # items 1..5
+    history, length = np.array([[1, 3], [3, 0]]), np.array([2, 1])
+    last = evaluation.semantic_knn(emb, history, length, 3, "last")
+    assert last.tolist() == [[4, 5, 2], [4, 5, 2]]         # nearest to item 3; item 3 itself left out
+    mean = evaluation.semantic_knn(emb, history, length, 3, "mean")
+    assert mean[0].tolist() == [5, 4, 2] and mean[1].tolist() == [4, 5, 2]   # (1, 1)/2 is nearest item 5
 
 
 def test_unconstrained_beam_search_can_return_ids_that_are_no_item():
@@ -1025,6 +1127,28 @@ def test_recommend_for_any_history_by_ids_or_asins(beauty_slice, trained, capsys
         evaluation.main([best, "--history=5,B000NOSUCH,99999"])
 
 
+def test_cold_start_end_to_end_on_a_beauty_slice(beauty_slice, trained):
+    folder, out = beauty_slice
+    prepare.main([f"--dataset={folder}", f"--out_dir={out}", "--n_epochs=5", "--cold_start=0.1"])
+    main_build = os.path.join(out, "beauty1k", "rqvae", "config.json")
+    assert "cold_start" not in json.load(open(main_build))                 # the main build is untouched
+    tiger.main(run_args(beauty_slice, "cold", steps=40) + ["--cold_start=0.1"])
+    best = os.path.join(out, "beauty1k", "rqvae-cold0.1", "cold", "best.pt")
+    result = evaluation.main([f"--ckpt={best}", "--cold_start"])
+    assert json.load(open(os.path.join(os.path.dirname(best), "cold_start_test.json")))["tiger"] == result["tiger"]
+    ds = data.load_dataset(folder)
+    unseen = data.unseen_items(ds, 0.1)
+    _, _, test = data.split(ds)
+    assert result["users"]["unseen_target"] == np.isin(test.target, unseen).sum() > 0
+    assert result["tiger"]["0"]["unseen_target"] == [0.0] * 20   # the seen ranking never holds one
+    curves = [g for v in (*result["tiger"].values(), *result["semantic_knn"].values()) for g in v.values()]
+    assert all(np.all(np.diff(c) >= 0) for c in curves)           # Recall@K never falls as K grows
+    top = evaluation.main([f"--ckpt={best}", "--history=1,2,3", "--epsilon=1.0"])
+    assert len(top) == 10 and len(set(top)) == 10
+    with pytest.raises(data.InputError, match="not trained for cold start"):
+        evaluation.main([f"--ckpt={os.path.join(trained, 'best.pt')}", "--cold_start"])
+
+
 def test_interrupted_run_resumes_to_the_same_result(beauty_slice, monkeypatch):
     # dropout draws random numbers, so resuming must restore the RNG; the weight average must be restored too
     small = ["--dropout=0.1", "--ema=0.9", "--item_dropout=0.1", "--user_dropout=0.3"]
@@ -1247,6 +1371,7 @@ def test_a_corrupt_checkpoint_is_one_clear_error(tmp_path):
     (["--demo=100000"], "--demo=100000, but the test split has only"),
     (["--beam_size=5"], "--beam_size must be >= 10"),
     (["--split=train"], "split must be one of valid, test"),
+    (["--epsilon=1.5"], r"epsilon must be in \[0, 1\]"),
 ])
 def test_eval_options_out_of_range_are_one_clear_error(trained, flags, expected):
     with pytest.raises(data.InputError, match=expected):
