@@ -387,8 +387,8 @@ def main(argv):
         return items.cpu()
 
     if config["cold_start"]:
-        return score_cold_start(config, argv, model, tiger, ds, examples, tokenizer, user_tok, tables,
-                                all_tables, unseen_of_prefix, unseen, beam, trained_with, dev, autocast)
+        return score_cold_start(config, argv, model, ds, examples, tokenizer, user_tok, tables, all_tables,
+                                unseen_of_prefix, unseen, beam, trained_with["eval_batch_size"], dev, autocast)
 
     if config["history"]:  # any history: a user the model never saw, so no user token (PAD)
         history = parse_history(config["history"], ds)[-data.MAX_HISTORY:]
@@ -431,15 +431,16 @@ def main(argv):
     return result
 
 
-def score_cold_start(config, argv, model, tiger, ds, examples, tokenizer, user_tok, tables, all_tables,
-                     unseen_of_prefix, unseen, beam, trained_with, dev, autocast):
+def score_cold_start(config, argv, model, ds, examples, tokenizer, user_tok, tables, all_tables,
+                     unseen_of_prefix, unseen, beam, bs, dev, autocast):
     """The cold-start protocol (Sec. 4.3, Fig. 5) on one split: per user, TIGER's seen ranking and
     its unseen candidates (tiger.py, "Cold start"), then Recall@1..20 under each epsilon of EPSILONS,
     and Semantic_KNN, separately for the users whose held-out item is unseen (the cold-start users)
-    and for the others. Written to cold_start_<split>.json beside the checkpoint."""
+    and for the others. tables: over the seen items; all_tables, unseen_of_prefix: over all items
+    (tiger.unseen_table). Written to cold_start_<split>.json beside the checkpoint."""
+    import tiger  # (see main)
     order = np.argsort(examples.length, kind="stable")          # similar lengths batch together
     seen_items, seen_scores, new_items, new_scores = [], [], [], []
-    bs = trained_with["eval_batch_size"]
     model.eval()
     for start in tqdm(range(0, len(order), bs), desc="cold start"):
         enc = data.make_batch(examples, order[start:start + bs], tokenizer, user_tok)["enc"].to(dev)
@@ -462,9 +463,10 @@ def score_cold_start(config, argv, model, tiger, ds, examples, tokenizer, user_t
               "users": {g: int(m.sum()) for g, m in groups.items()}, "n_unseen_items": len(unseen),
               "tiger": {}, "semantic_knn": {}}
     for eps in EPSILONS:
+        # the top K depends on K (at most floor(eps * K) unseen items): one list per K
         tops = {k: tiger.epsilon_top_k(seen_items, seen_scores, new_items, new_scores, k, eps) for k in COLD_KS}
-        result["tiger"][f"{eps:g}"] = {g: [ranks_of(tops[k][m], targets[m]).gt(0).double().mean().item()
-                                           for k in COLD_KS] for g, m in groups.items()}
+        result["tiger"][f"{eps:g}"] = {g: [recall_curve(tops[k][m], targets[m], [k])[0] for k in COLD_KS]
+                                       for g, m in groups.items()}
     for query in ("last", "mean"):
         knn = semantic_knn(ds.item_emb, examples.history[order], examples.length[order], k_max, query)
         result["semantic_knn"][query] = {g: recall_curve(knn[m], targets[m], COLD_KS) for g, m in groups.items()}
