@@ -223,8 +223,9 @@ def split(dataset, unseen=()):
 
 # Cold start (paper Sec. 4.3, Fig. 5). A share of the items that are test targets become "unseen":
 # no training example contains them, neither as target nor in a history (training_part drops them),
-# the RQ-VAE is trained without their embeddings, and the collision token numbers the seen items
-# only (rqvae.add_collision_token); unseen items still get the first codes from their embeddings,
+# the RQ-VAE is trained without their embeddings, and the collision token numbers the seen items as
+# if the unseen ones did not exist (rqvae.add_collision_token; the unseen ones follow, so every ID
+# stays unique); unseen items still get their first codes from their embeddings,
 # which is what lets TIGER retrieve them. Validation and test histories keep any unseen item they
 # hold: a user may well own a new item, and its Semantic ID is computable from its content. The
 # choice is a function of the dataset and the share alone (a fixed seed), so prepare.py, tiger.py

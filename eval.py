@@ -155,7 +155,8 @@ def semantic_knn(item_emb, history, length, k, query="last", batch_size=1024):
         else:
             q = emb[h].sum(1) / n[:, None]                                   # padding rows are 0
         sim = q @ emb.T                                                      # (b, n_items + 1)
-        sim.scatter_(1, h, float("-inf"))                                    # history and padding out
+        sim.scatter_(1, h, float("-inf"))                                    # the history out
+        sim[:, 0] = float("-inf")                                            # and the padding item
         out.append(sim.topk(k, dim=1).indices)
     return torch.cat(out)
 
@@ -166,12 +167,13 @@ def recall_curve(items, targets, ks):
     return [r[f"recall@{k}"] for k in ks]
 
 
-def most_popular(dataset, examples, k=max(KS)):
+def most_popular(dataset, examples, unseen=(), k=max(KS)):
     """The most-popular baseline: every user gets the k items with most training interactions
-    (data.training_part of each sequence, so nothing of validation or test is counted)."""
+    (data.training_part of each sequence, so nothing of validation or test is counted, nor a
+    cold-start run's unseen items)."""
     counts = np.zeros(dataset.n_items + 1, dtype=np.int64)
     for seq in dataset.sequences:
-        np.add.at(counts, data.training_part(seq), 1)
+        np.add.at(counts, data.training_part(seq, unseen), 1)
     top = np.argsort(-counts[1:], kind="stable")[:k] + 1
     return recall_ndcg(ranks_of(np.tile(top, (len(examples), 1)), examples.target))
 
@@ -351,15 +353,21 @@ def main(argv):
     dev = data.pick_device()  # this machine's choice, not the one the checkpoint was trained on
     model, tokenizer, trained_with = tiger.model_from_checkpoint(saved, dev)
     ds = data.load_dataset(trained_with["dataset"])
-    if tiger.ids_fingerprint(tokenizer.codes, ds) != saved["ids_fingerprint"]:
+    unseen = data.unseen_items(ds, trained_with["cold_start"])  # cold start: items it never trained on
+    if tiger.ids_fingerprint(tokenizer.codes, ds, unseen) != saved["ids_fingerprint"]:
         raise data.InputError(f"{config['ckpt']} was trained on another version of dataset "
                               f"{trained_with['dataset']} (its Semantic IDs do not fit it, or its items, "
-                              f"embeddings or sequences differ); it cannot be scored on this one")
-    unseen = data.unseen_items(ds, trained_with.get("cold_start", 0.0))  # cold start: never trained on
+                              f"embeddings, sequences or unseen items differ); it cannot be scored on this one")
     if (config["cold_start"] or config["epsilon"] > 0) and not len(unseen):
         raise data.InputError(f"{config['ckpt']} was not trained for cold start; --cold_start and --epsilon "
                               f"need a run of `python prepare.py --cold_start=0.05 && python tiger.py "
                               f"--cold_start=0.05`")
+    if config["epsilon"] > 0 and not (config["history"] or config["demo"]):
+        raise data.InputError("--epsilon applies to --history and --demo; to score a split with unseen "
+                              "items use --cold_start (it sweeps epsilon)")
+    if config["epsilon"] > 0 and config["temperature"] > 0:
+        raise data.InputError("--epsilon merges rankings by log-probability, which a sampled ranking "
+                              "(--temperature) does not have; give one of them")
     _, valid, test = data.split(ds, unseen)
     examples = valid if config["split"] == "valid" else test
     beam = config["beam_size"] or trained_with["beam_size"]
@@ -374,7 +382,8 @@ def main(argv):
               else f"beam search, beam {beam}"))
     generator = torch.Generator(device=dev).manual_seed(config["seed"])
 
-    def recommend(batch, epsilon=0.0):  # the ranked items (B, beam) of a batch, decoded as configured
+    def recommend(batch, epsilon=0.0):  # ranked items of a batch, decoded as configured: (B, beam),
+        # or with epsilon > 0 (cold start) the top (B, 10) with at most epsilon of them unseen
         model.eval()
         with autocast():
             codes, scores = tiger.beam_search(model, batch["enc"].to(dev), tables, beam,
@@ -421,8 +430,9 @@ def main(argv):
     if names:  # Table 4: what the users of the most common target categories are shown
         print("\n".join(["  categories of the top 10 (Table 4):"]
                         + ["    " + line for line in category_mix(items, targets, category, names)]))
-    print("  most popular: " + ", ".join(f"{k} {v:.4f}" for k, v in most_popular(ds, examples).items()))
-    name = (f"eval_{config['split']}_{'' if config['constrained'] else 'free_'}beam{beam}"
+    print("  most popular: " + ", ".join(f"{k} {v:.4f}" for k, v in most_popular(ds, examples, unseen).items()))
+    name = (f"eval_{os.path.splitext(os.path.basename(config['ckpt']))[0]}_{config['split']}_"
+            f"{'' if config['constrained'] else 'free_'}beam{beam}"
             + (f"_T{config['temperature']:g}_seed{config['seed']}" if config["temperature"] > 0 else "") + ".json")
     path = os.path.join(os.path.dirname(config["ckpt"]), name)
     data.write_json(path, {"metrics": result, "checkpoint_step": saved["step"],
@@ -437,9 +447,15 @@ def score_cold_start(config, argv, model, ds, examples, tokenizer, user_tok, tab
     its unseen candidates (tiger.py, "Cold start"), then Recall@1..20 under each epsilon of EPSILONS,
     and Semantic_KNN, separately for the users whose held-out item is unseen (the cold-start users)
     and for the others. tables: over the seen items; all_tables, unseen_of_prefix: over all items
-    (tiger.unseen_table). Written to cold_start_<split>.json beside the checkpoint."""
+    (tiger.unseen_table). Written beside the checkpoint, cold_start_<checkpoint>_<split>_beam<B>.json."""
     import tiger  # (see main)
     order = np.argsort(examples.length, kind="stable")          # similar lengths batch together
+    targets = torch.from_numpy(examples.target[order])
+    cold = torch.from_numpy(np.isin(examples.target[order], unseen))  # users whose held-out item is unseen
+    groups = {"unseen_target": cold, "seen_target": ~cold}
+    if not (cold.any() and (~cold).any()):  # (a recall over no user would be NaN)
+        raise data.InputError(f"no user of the {config['split']} split has "
+                              f"{'an unseen' if not cold.any() else 'a seen'} held-out item")
     seen_items, seen_scores, new_items, new_scores = [], [], [], []
     model.eval()
     for start in tqdm(range(0, len(order), bs), desc="cold start"):
@@ -455,11 +471,8 @@ def score_cold_start(config, argv, model, ds, examples, tokenizer, user_tok, tab
     new_scores = torch.cat([torch.nn.functional.pad(x, (0, width - x.shape[1]), value=float("-inf"))
                             for x in new_scores])
     seen_items, seen_scores = torch.cat(seen_items), torch.cat(seen_scores)
-    targets = torch.from_numpy(examples.target[order])
-    cold = torch.from_numpy(np.isin(examples.target[order], unseen))  # users whose held-out item is unseen
-    groups = {"unseen_target": cold, "seen_target": ~cold}
     k_max = max(COLD_KS)
-    result = {"split": config["split"], "beam_size": beam, "ks": list(COLD_KS),
+    result = {"checkpoint": config["ckpt"], "split": config["split"], "beam_size": beam, "ks": list(COLD_KS),
               "users": {g: int(m.sum()) for g, m in groups.items()}, "n_unseen_items": len(unseen),
               "tiger": {}, "semantic_knn": {}}
     for eps in EPSILONS:
@@ -471,7 +484,8 @@ def score_cold_start(config, argv, model, ds, examples, tokenizer, user_tok, tab
         knn = semantic_knn(ds.item_emb, examples.history[order], examples.length[order], k_max, query)
         result["semantic_knn"][query] = {g: recall_curve(knn[m], targets[m], COLD_KS) for g, m in groups.items()}
     result["provenance"] = data.provenance("eval.py", list(argv), dev)
-    path = os.path.join(os.path.dirname(config["ckpt"]), f"cold_start_{config['split']}.json")
+    stem = os.path.splitext(os.path.basename(config["ckpt"]))[0]     # best (best.pt) or ckpt (ckpt.pt)
+    path = os.path.join(os.path.dirname(config["ckpt"]), f"cold_start_{stem}_{config['split']}_beam{beam}.json")
     data.write_json(path, result)
     print(f"{config['ckpt']}, cold start on {config['split']}: {len(unseen)} unseen items; "
           f"{result['users']['unseen_target']} users with an unseen held-out item, "

@@ -11,6 +11,7 @@ import itertools
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -820,17 +821,21 @@ def test_beam_search_matches_brute_force(softmax):
 def test_unseen_candidates_are_the_unseen_items_under_the_best_prefixes():
     codes = tiny_codes()                       # items 1 and 2 share their first three codes
     tok = data.Tokenizer(codes, n_user_buckets=10)
-    unseen = np.array([1, 6, 11])
-    seen_tables = tiger.PrefixTables(tok, items=np.setdiff1d(np.arange(1, 15), unseen))
+    unseen = np.array([1, 2, 6, 11])           # items 1 and 2: two unseen items under one prefix
+    seen = np.setdiff1d(np.arange(1, 15), unseen)
+    seen_tables = tiger.PrefixTables(tok, items=seen)
+    assert torch.equal(seen_tables.items_of(torch.from_numpy(codes[seen - 1])), torch.from_numpy(seen))
     all_tables = tiger.PrefixTables(tok)
     table = tiger.unseen_table(all_tables, codes, unseen)
     model = tiny(tok.vocab_size, tok.levels).eval()
     enc = torch.cat([torch.full((4, 1), tok.user_offset), tok.item_tokens[torch.randint(1, 15, (4, 3))].flatten(1)], 1)
-    # the seen ranking never returns an unseen item
-    got, _ = tiger.beam_search(model, enc, seen_tables, beam_size=14)
-    items = tiger.ranked_items(seen_tables, got, _)
-    assert not np.isin(items.numpy(), unseen).any() and set(items[items > 0].tolist()) <= set(range(1, 15))
+    # the seen ranking: the seen items by their exact log-probability, never an unseen one
+    got, scores = tiger.beam_search(model, enc, seen_tables, beam_size=len(seen))
+    want_scores, want = sequence_logprobs(model, enc, tok)[:, seen - 1].sort(dim=1, descending=True)
+    assert torch.equal(tiger.ranked_items(seen_tables, got, scores), torch.from_numpy(seen)[want])
+    assert torch.allclose(scores, want_scores, atol=1e-5)
     # a beam over all 13 prefixes finds every unseen item once, scored log p(its first three codes)
+    assert table.shape[1] == 2                 # (items 1 and 2 share a row of the table)
     new, scores = tiger.unseen_candidates(model, enc, all_tables, table, beam_size=13)
     prefix_logp = sequence_logprobs(model, enc, tok, n_levels=3)             # (4, 14)
     for b in range(4):
@@ -847,7 +852,8 @@ def test_unseen_candidates_are_the_unseen_items_under_the_best_prefixes():
 
 def test_epsilon_rule_on_a_hand_made_ranking():
     seen, seen_s = torch.tensor([[11, 12, 13, 14]]), torch.tensor([[-1.0, -2.0, -3.0, -4.0]])
-    new, new_s = torch.tensor([[21, 22, 23, 0]]), torch.tensor([[-0.5, -1.5, -5.0, float("-inf")]])
+    # (24: an item id under a filler beam, score -inf: never a candidate)
+    new, new_s = torch.tensor([[21, 22, 23, 24]]), torch.tensor([[-0.5, -1.5, -5.0, float("-inf")]])
     top = lambda k, eps: tiger.epsilon_top_k(seen, seen_s, new, new_s, k, eps)[0].tolist()
     assert top(4, 0.0) == [11, 12, 13, 14]                 # epsilon 0: exactly the seen ranking
     assert top(4, 0.25) == [21, 11, 12, 13]                # at most floor(0.25 * 4) = 1 unseen item
@@ -866,12 +872,15 @@ def test_epsilon_rule_on_a_hand_made_ranking():
 
 
 def test_semantic_knn_ranks_by_cosine_and_leaves_the_history_out():
-    emb = np.array([[1, 0], [0.9, 0.2], [0, 1], [0.2, 0.9], [0.7, 0.7]], dtype=np.float32)  # items 1..5
-    history, length = np.array([[1, 3], [3, 0]]), np.array([2, 1])
-    last = evaluation.semantic_knn(emb, history, length, 3, "last")
-    assert last.tolist() == [[4, 5, 2], [4, 5, 2]]         # nearest to item 3; item 3 itself left out
+    # items 1..6; item 6 points away from every query below (a negative similarity)
+    emb = np.array([[1, 0], [0.9, 0.3], [0, 1], [0.2, 0.9], [0.7, 0.7], [-1, -0.1]], dtype=np.float32)
+    history, length = np.array([[1, 3], [3, 0]]), np.array([2, 1])   # the first history fills its row
+    last = evaluation.semantic_knn(emb, history, length, 4, "last")
+    # nearest to item 3, item 3 itself left out; item 6 last, and never the padding item 0 (similarity
+    # 0 > item 6's), which a history without padding does not mask by itself
+    assert last.tolist() == [[4, 5, 2, 6], [4, 5, 2, 1]]
     mean = evaluation.semantic_knn(emb, history, length, 3, "mean")
-    assert mean[0].tolist() == [5, 4, 2] and mean[1].tolist() == [4, 5, 2]   # (1, 1)/2 is nearest item 5
+    assert mean[0].tolist() == [5, 2, 4] and mean[1].tolist() == [4, 5, 2]   # (1, 1)/2 is nearest item 5
 
 
 def test_unconstrained_beam_search_can_return_ids_that_are_no_item():
@@ -1127,24 +1136,33 @@ def test_recommend_for_any_history_by_ids_or_asins(beauty_slice, trained, capsys
         evaluation.main([best, "--history=5,B000NOSUCH,99999"])
 
 
-def test_cold_start_end_to_end_on_a_beauty_slice(beauty_slice, trained):
+def test_cold_start_end_to_end_on_a_beauty_slice(beauty_slice, trained, capsys):
     folder, out = beauty_slice
     prepare.main([f"--dataset={folder}", f"--out_dir={out}", "--n_epochs=5", "--cold_start=0.1"])
     main_build = os.path.join(out, "beauty1k", "rqvae", "config.json")
     assert "cold_start" not in json.load(open(main_build))                 # the main build is untouched
     tiger.main(run_args(beauty_slice, "cold", steps=40) + ["--cold_start=0.1"])
-    best = os.path.join(out, "beauty1k", "rqvae-cold0.1", "cold", "best.pt")
-    result = evaluation.main([f"--ckpt={best}", "--cold_start"])
-    assert json.load(open(os.path.join(os.path.dirname(best), "cold_start_test.json")))["tiger"] == result["tiger"]
+    # it trained on the split without the unseen items (the count it prints)
     ds = data.load_dataset(folder)
     unseen = data.unseen_items(ds, 0.1)
+    n_train = len(data.split(ds, unseen)[0])
+    assert n_train < len(data.split(ds)[0]) and f"examples: {n_train:,} train" in capsys.readouterr().out
+    best = os.path.join(out, "beauty1k", "rqvae-cold0.1", "cold", "best.pt")
+    result = evaluation.main([f"--ckpt={best}", "--cold_start"])
+    written = os.path.join(os.path.dirname(best), "cold_start_best_test_beam10.json")
+    assert json.load(open(written))["tiger"] == result["tiger"]
     _, _, test = data.split(ds)
-    assert result["users"]["unseen_target"] == np.isin(test.target, unseen).sum() > 0
+    assert result["users"]["unseen_target"] == np.isin(test.target, unseen).sum()
+    assert result["users"]["unseen_target"] > 0
     assert result["tiger"]["0"]["unseen_target"] == [0.0] * 20   # the seen ranking never holds one
     curves = [g for v in (*result["tiger"].values(), *result["semantic_knn"].values()) for g in v.values()]
     assert all(np.all(np.diff(c) >= 0) for c in curves)           # Recall@K never falls as K grows
     top = evaluation.main([f"--ckpt={best}", "--history=1,2,3", "--epsilon=1.0"])
     assert len(top) == 10 and len(set(top)) == 10
+    with pytest.raises(data.InputError, match="--epsilon applies to --history and --demo"):
+        evaluation.main([f"--ckpt={best}", "--epsilon=0.1"])
+    with pytest.raises(data.InputError, match="give one of them"):
+        evaluation.main([f"--ckpt={best}", "--demo=1", "--epsilon=0.1", "--temperature=1.0"])
     with pytest.raises(data.InputError, match="not trained for cold start"):
         evaluation.main([f"--ckpt={os.path.join(trained, 'best.pt')}", "--cold_start"])
 
@@ -1347,6 +1365,16 @@ def test_a_checkpoint_from_an_older_tiger_py_says_so(trained, tmp_path):
     torch.save(old, tmp_path / "best.pt")
     with pytest.raises(data.InputError, match="written by an older tiger.py .it lacks codes, ids_fingerprint"):
         evaluation.main([f"--ckpt={tmp_path / 'best.pt'}"])
+
+
+def test_a_run_from_before_the_cold_start_option_still_resumes(beauty_slice, trained):
+    old = run_dir(beauty_slice, "before_cold")
+    shutil.copytree(trained, old)
+    ckpt = torch.load(os.path.join(old, "ckpt.pt"), weights_only=True)
+    del ckpt["settings"]["cold_start"]                      # as tiger.py wrote it before the option
+    ckpt["settings"]["run"] = "before_cold"
+    torch.save(ckpt, os.path.join(old, "ckpt.pt"))
+    assert tiger.main(run_args(beauty_slice, "before_cold", steps=20) + ["--resume"])["best_step"] == 20
 
 
 @pytest.mark.parametrize("protocol", [2, pickle.DEFAULT_PROTOCOL])

@@ -385,6 +385,7 @@ class PrefixTables:
 
     def prefix_of(self, codes):
         """codes (..., l) -> the id of that length-l prefix (...), -1 where no item starts with it."""
+        codes = codes.to(self.next[0].device)
         prefix = torch.zeros(codes.shape[:-1], dtype=torch.long, device=codes.device)
         for l in range(codes.shape[-1]):  # follow the tables; -1 (no such prefix) stays -1
             prefix = torch.where(prefix >= 0, self.next[l][prefix.clamp(min=0), codes[..., l]], prefix)
@@ -423,7 +424,9 @@ def beam_search(model, enc, tables, beam_size, constrained=True, temperature=0.0
     perturbed log q_T, and the beam keeps the largest (Gumbel-top-k over whole IDs, level by level).
     A larger T flattens q_T: more diverse recommendations (paper Sec. 4.3, Table 3)."""
     levels = model.config.levels
-    B, L, dev = enc.shape[0], n_levels or len(levels), enc.device
+    L = len(levels) if n_levels is None else n_levels
+    assert 1 <= L <= len(levels), f"n_levels must be 1..{len(levels)}"
+    B, dev = enc.shape[0], enc.device
     memory, cross_bias = model.encode(enc)
     caches = [{"self": {}, "cross": {}} for _ in model.decoder]
     tokens = torch.full((B, 1), data.BOS, device=dev)        # the current last token of each beam
@@ -478,7 +481,10 @@ def ranked_items(tables, codes, scores):
 # never seen their last code, the collision token, but their first L-1 codes come from their
 # content. The paper's rule: a predicted ID returns the seen item with that ID, and the unseen items
 # whose first L-1 codes match join the candidates; epsilon is the largest share of unseen items in
-# the top K. Where the paper is silent, we define:
+# the top K. The paper decodes freely, so a predicted ID may start with an unseen item's prefix.
+# Decoding constrained to the seen items' IDs would almost never do so (nearly every item is alone
+# in its L-1 code prefix), so the unseen items get their own constrained search over the first L-1
+# levels, kept to the prefixes of all items. Where the paper is silent, we define:
 #   seen ranking    the usual constrained beam search over the seen items' IDs, by log p(item)
 #   unseen ranking  the same beam search stopped after L-1 levels, over the prefixes of all items;
 #                   each unseen item under a returned prefix scores log p(prefix)
@@ -492,7 +498,7 @@ def unseen_table(tables, codes, unseen):
     """(n_prefixes, G) item ids: the unseen items under each (L-1)-code prefix, 0-padded (G = the
     most under one prefix). tables: PrefixTables over all items; codes: the (n_items, L) table."""
     L = codes.shape[1]
-    prefix = tables.prefix_of(torch.from_numpy(codes[np.asarray(unseen) - 1, :L - 1])).cpu().numpy()
+    prefix = tables.prefix_of(torch.from_numpy(codes[np.asarray(unseen) - 1, :L - 1])).cpu().numpy()  # (n_unseen,)
     order = np.argsort(prefix, kind="stable")
     p = prefix[order]
     first = np.searchsorted(p, p)                  # where each prefix's run starts
@@ -522,7 +528,8 @@ def epsilon_top_k(seen, seen_scores, unseen, unseen_scores, k, epsilon):
     is_unseen = torch.cat([torch.zeros_like(seen, dtype=torch.bool), torch.ones_like(unseen, dtype=torch.bool)], 1)
     order = scores.sort(dim=1, descending=True, stable=True).indices  # the merge; seen first on a tie
     items, scores, is_unseen = items.gather(1, order), scores.gather(1, order), is_unseen.gather(1, order)
-    unseen_ahead = is_unseen.long().cumsum(1) - is_unseen.long()      # unseen items before this one
+    unseen_ahead = is_unseen.long().cumsum(1) - is_unseen.long()      # unseen items before this one,
+    # taken or not: once the cap is reached, every later unseen item is refused anyway
     taken = torch.isfinite(scores) & (~is_unseen | (unseen_ahead < cap))
     position = taken.long().cumsum(1)                                 # 1-based, among the taken
     row, col = (taken & (position <= k)).nonzero(as_tuple=True)
@@ -697,11 +704,12 @@ def model_from_checkpoint(ckpt, dev="cpu"):
     return model, tokenizer, settings
 
 
-def ids_fingerprint(codes, ds):
+def ids_fingerprint(codes, ds, unseen=()):
     """What a run's Semantic IDs and data are, as checksums: the ID table, the item embeddings it
-    was built from, and the users' sequences."""
+    was built from, the users' sequences, and (cold start) the unseen items."""
     return {"codes_md5": data.md5(codes), "item_emb_md5": data.md5(ds.item_emb),
-            "sequences_md5": data.md5(np.concatenate(ds.sequences))}
+            "sequences_md5": data.md5(np.concatenate(ds.sequences)),
+            **({"unseen_md5": data.md5(np.asarray(unseen))} if len(unseen) else {})}
 
 
 # ---- the run ------------------------------------------------------------------------------------
@@ -749,12 +757,14 @@ def train(s, run_dir, argv=()):
         ckpt = load_checkpoint(ckpt_path, for_resume=True)
         # where the run lives and how fast it is scored may change; what it trains may not
         bookkeeping = ("resume", "overwrite", "out_dir", "device", "eval_batch_size", "bench")
-        newer = [k for k in s if k not in bookkeeping and k not in ckpt["settings"]]
+        # settings added after a checkpoint was written, at the value that trains as it did
+        saved = {"cold_start": 0.0, **ckpt["settings"]}
+        newer = [k for k in s if k not in bookkeeping and k not in saved]
         if newer:
             raise data.InputError(f"--resume: {ckpt_path} was written before the option(s) "
                                   f"{', '.join(newer)} existed, so it cannot be resumed; start afresh "
                                   f"(eval.py can still score its best.pt)")
-        changed = [k for k in s if k not in bookkeeping and ckpt["settings"][k] != s[k]]
+        changed = [k for k in s if k not in bookkeeping and saved[k] != s[k]]
         if changed:
             raise data.InputError(f"--resume: {ckpt_path} was trained with other settings "
                                   f"({', '.join(changed)}); resume with the same settings, or start afresh")
@@ -768,7 +778,7 @@ def train(s, run_dir, argv=()):
     ds = data.load_dataset(s["dataset"])
     codes = data.load_codes(ds, s["ids"], s["out_dir"], s["dataset"], s["cold_start"])
     unseen = data.unseen_items(ds, s["cold_start"])   # cold start: items no training example holds
-    fingerprint = ids_fingerprint(codes, ds)
+    fingerprint = ids_fingerprint(codes, ds, unseen)
     if ckpt is not None and ckpt["ids_fingerprint"] != fingerprint:
         raise data.InputError(f"--resume: the Semantic IDs or data of this run changed after it started "
                               f"(prepare.py rebuilt {os.path.dirname(run_dir)}, or the dataset changed); "
@@ -875,7 +885,7 @@ def train(s, run_dir, argv=()):
     for name, examples in (("valid", valid), ("test", test)):
         results[name] = evaluate(model, examples, tokenizer, user_tok, tables, s["beam_size"],
                                  s["eval_batch_size"], dev, autocast=autocast)
-        results[name + "_most_popular"] = evaluation.most_popular(ds, examples)
+        results[name + "_most_popular"] = evaluation.most_popular(ds, examples, unseen)
     results["wall_s"] = round(wall_before + time.time() - t0, 1)
     results["provenance"] = provenance
     results["ids_fingerprint"] = fingerprint
