@@ -198,7 +198,7 @@ def print_table(results, name):
 
 METRIC_KEYS = ("recall@5", "ndcg@5", "recall@10", "ndcg@10")
 # settings that say where or how fast a run went, not what it computed
-NOT_RECIPE = ("run", "out_dir", "resume", "overwrite", "device", "eval_batch_size", "bench", "dataset",
+NOT_RECIPE = ("run", "out_dir", "resume", "overwrite", "device", "eval_batch_size", "bench", "profile", "dataset",
               "ids", "seed")
 
 

@@ -82,6 +82,7 @@ eval_users = 0            # validation users for model selection: 0 = all, n > 0
 eval_batch_size = 512
 patience = 3              # stop after this many evaluations without a better validation Recall@10
 bench = False             # measure speed instead of training: train examples/s, eval users/s, memory
+profile = False           # with bench: where the time goes (torch.profiler's top operations)
 device = "auto"           # auto (cuda if available, else cpu) | cpu | cuda
 precision = "auto"        # auto: bf16 autocast on a GPU and on a CPU with native bf16 (AVX512-BF16
                           # or AMX), else float32 | bf16 | fp32. T5X also computes in bf16.
@@ -242,8 +243,13 @@ class Attention(nn.Module):
             # their queries are stacked as n query positions of one row instead of copying the
             # keys/values n times: (B*n, H, Tq, hd) -> (B, H, n*Tq, hd)
             q = q.view(k.shape[0], beams, self.n_head, -1, self.head_dim).transpose(1, 2).flatten(2, 3)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype),
-                                           dropout_p=self.attn_dropout if self.training else 0.0)
+        # softmax(q k^T / sqrt(head_dim) + bias) v, written out. At these sizes (short sequences,
+        # narrow heads) the explicit form is also the faster one on a CPU: torch's fused
+        # scaled_dot_product_attention has a slow backward pass when the bias needs a gradient,
+        # and T5's learned position bias does (`python tiger.py --bench --profile` shows it)
+        att = (q @ k.transpose(-2, -1)) * self.head_dim ** -0.5 + bias.to(q.dtype)  # (B, H, Tq, Tk)
+        att = F.dropout(att.softmax(-1), self.attn_dropout, self.training)
+        y = att @ v                                                                  # (B, H, Tq, hd)
         if beams > 1:  # (B, H, n*Tq, hd) -> (B*n, H, Tq, hd)
             y = y.view(k.shape[0], self.n_head, beams, -1, self.head_dim).transpose(1, 2).flatten(0, 1)
         return self.o(y.transpose(1, 2).flatten(2))
@@ -718,16 +724,28 @@ def benchmark(model, opt, train_ex, valid, tokenizer, user_tok, tables, settings
               steps=30, users=2048):
     """`python tiger.py --bench`: speed of the configured model on this machine (nothing is saved)."""
     s = settings
+
+    def profiled(what):  # --profile: the operations that took the most time, printed after the block
+        if not s["profile"]:
+            return contextlib.nullcontext()
+        prof = torch.profiler.profile(on_trace_ready=lambda p: print(
+            f"\n{what}: where the time goes\n" + p.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)))
+        return prof
+
     batches = data.epoch_batches(train_ex, s["batch_size"], s["seed"], s["by_length"])
+    for i in range(3):  # warm up (first calls allocate), then measure
+        train_step(model, opt, data.make_batch(train_ex, batches[i], tokenizer, user_tok), i, s, dev, autocast)
     t = time.time()
-    for i in range(steps):
-        batch = data.make_batch(train_ex, batches[i % len(batches)], tokenizer, user_tok)
-        train_step(model, opt, batch, i, s, dev, autocast)
+    with profiled(f"{steps} training steps"):
+        for i in range(steps):
+            batch = data.make_batch(train_ex, batches[(i + 3) % len(batches)], tokenizer, user_tok)
+            train_step(model, opt, batch, i, s, dev, autocast)
     train_speed = steps * s["batch_size"] / (time.time() - t)
     users = min(users, len(valid))
     t = time.time()
-    evaluate(model, valid, tokenizer, user_tok, tables, s["beam_size"], s["eval_batch_size"], dev,
-             limit=users, progress=False, autocast=autocast)
+    with profiled(f"evaluating {users} users"):
+        evaluate(model, valid, tokenizer, user_tok, tables, s["beam_size"], s["eval_batch_size"], dev,
+                 limit=users, progress=False, autocast=autocast)
     eval_speed = users / (time.time() - t)
     if dev == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2 ** 30
@@ -756,7 +774,7 @@ def train(s, run_dir, argv=()):
             raise data.InputError(f"--resume: there is no {ckpt_path} to continue; start without --resume")
         ckpt = load_checkpoint(ckpt_path, for_resume=True)
         # where the run lives and how fast it is scored may change; what it trains may not
-        bookkeeping = ("resume", "overwrite", "out_dir", "device", "eval_batch_size", "bench")
+        bookkeeping = ("resume", "overwrite", "out_dir", "device", "eval_batch_size", "bench", "profile")
         # settings added after a checkpoint was written, at the value that trains as it did
         saved = {"cold_start": 0.0, **ckpt["settings"]}
         newer = [k for k in s if k not in bookkeeping and k not in saved]
