@@ -1167,6 +1167,17 @@ def test_cold_start_end_to_end_on_a_beauty_slice(beauty_slice, trained, capsys):
         evaluation.main([f"--ckpt={os.path.join(trained, 'best.pt')}", "--cold_start"])
 
 
+def test_validating_more_often_trains_the_very_same_model(beauty_slice):
+    # a validation pass draws no random number, so how often it runs cannot change the trained weights
+    # (the default validates every 3,000 steps on the strength of this)
+    small = ["--item_dropout=0.1", "--user_dropout=0.3"]       # training that does draw random numbers
+    tiger.main(run_args(beauty_slice, "often", steps=30, every=10) + small)
+    tiger.main(run_args(beauty_slice, "rarely", steps=30, every=30) + small)
+    a, b = (torch.load(os.path.join(run_dir(beauty_slice, r), "ckpt.pt"), weights_only=True)["model"]
+            for r in ("often", "rarely"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_interrupted_run_resumes_to_the_same_result(beauty_slice, monkeypatch):
     # dropout draws random numbers, so resuming must restore the RNG; the weight average must be restored too
     small = ["--dropout=0.1", "--ema=0.9", "--item_dropout=0.1", "--user_dropout=0.3"]

@@ -77,7 +77,8 @@ ema = 0.999               # > 0: validate, keep and test a moving average of the
 seed = 1337
 # evaluation and model selection (validation split only; the test split is read once, at the end)
 beam_size = 40            # beams kept, and the length of the returned ranking (paper: not said)
-eval_every = 1000         # steps between validation evaluations
+eval_every = 3000         # steps between validation evaluations (each decodes every validation user;
+                          # with the cosine schedule and EMA the last one has so far always been best)
 eval_users = 0            # validation users for model selection: 0 = all, n > 0 = a fixed random n
 eval_batch_size = 512
 patience = 3              # stop after this many evaluations without a better validation Recall@10
