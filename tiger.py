@@ -420,10 +420,10 @@ def conditioned_gumbels(parent, g):
 def beam_search(model, enc, tables, beam_size, constrained=True, temperature=0.0, generator=None,
                 n_levels=None):
     """enc: (B, T) encoder tokens. Returns (codes (B, beam, L) long, scores (B, beam)); scores are
-    log p(item) (up to float rounding). n_levels < L stops after that many levels: the best
-    prefixes and their log p(prefix) (cold start, below). At level l only level l's codes are candidates, and
+    log p(item) (up to float rounding). At level l only level l's codes are candidates, and
     (constrained) only those that extend the beam's prefix to a prefix of some real item. A
-    returned ID with score -inf is a filler (fewer valid IDs than beams).
+    returned ID with score -inf is a filler (fewer valid IDs than beams). n_levels < L stops
+    after that many levels: the best prefixes and their log p(prefix) (cold start, below).
 
     temperature = 0: beam search, best first. temperature T > 0: a sample of beam_size distinct
     items without replacement from q_T(item) = prod_l softmax(logits_l / T) (kept to valid IDs when
