@@ -457,14 +457,20 @@ def score_cold_start(config, argv, model, ds, examples, tokenizer, user_tok, tab
     if not (cold.any() and (~cold).any()):  # (a recall over no user would be NaN)
         raise data.InputError(f"no user of the {config['split']} split has "
                               f"{'an unseen' if not cold.any() else 'a seen'} held-out item")
-    seen_items, seen_scores, new_items, new_scores = [], [], [], []
+    seen_items, seen_scores, new_items, new_scores, level_logp = [], [], [], [], []
     model.eval()
     for start in tqdm(range(0, len(order), bs), desc="cold start"):
-        enc = data.make_batch(examples, order[start:start + bs], tokenizer, user_tok)["enc"].to(dev)
+        batch = data.make_batch(examples, order[start:start + bs], tokenizer, user_tok)
+        enc, target = batch["enc"].to(dev), batch["target"].to(dev)
         with torch.no_grad(), autocast():
             codes, scores = tiger.beam_search(model, enc, tables, beam)
             items, more = tiger.ranked_items(tables, codes, scores), tiger.unseen_candidates(
                 model, enc, all_tables, unseen_of_prefix, beam)
+            # where the model does or does not generalise: log p of each code of the held-out item's
+            # ID given the codes before it (teacher forced), (B, L)
+            h, _ = model(enc, batch["dec_in"].to(dev))
+            level_logp.append(torch.stack([model.code_logprobs(h[:, l], l).gather(1, target[:, l:l + 1] - first)[:, 0]
+                                           for l, (first, _) in enumerate(model.config.levels)], 1).cpu())
         seen_items.append(items.cpu()), seen_scores.append(scores.float().cpu())
         new_items.append(more[0].cpu()), new_scores.append(more[1].cpu())
     width = max(x.shape[1] for x in new_items)                  # pad the batches' candidates to one width
@@ -475,7 +481,8 @@ def score_cold_start(config, argv, model, ds, examples, tokenizer, user_tok, tab
     k_max = max(COLD_KS)
     result = {"checkpoint": config["ckpt"], "split": config["split"], "beam_size": beam, "ks": list(COLD_KS),
               "users": {g: int(m.sum()) for g, m in groups.items()}, "n_unseen_items": len(unseen),
-              "tiger": {}, "semantic_knn": {}}
+              "tiger": {}, "semantic_knn": {},
+              "mean_log_p_per_level": {g: torch.cat(level_logp)[m].mean(0).tolist() for g, m in groups.items()}}
     for eps in EPSILONS:
         # the top K depends on K (at most floor(eps * K) unseen items): one list per K
         tops = {k: tiger.epsilon_top_k(seen_items, seen_scores, new_items, new_scores, k, eps) for k in COLD_KS}
@@ -498,6 +505,9 @@ def score_cold_start(config, argv, model, ds, examples, tokenizer, user_tok, tab
     for label, v in rows:
         u = v["unseen_target"]
         print(f"  {label:22s} {u[0]:25.4f} {u[4]:7.4f} {u[9]:7.4f} {u[19]:7.4f}  {v['seen_target'][9]:.4f}")
+    for g, v in result["mean_log_p_per_level"].items():
+        print(f"  {g.replace('_', '-')} users: mean log p of the held-out item's codes, level by level: "
+              + ", ".join(f"{x:.2f}" for x in v))
     print(f"  written to {path}")
     return result
 

@@ -1155,6 +1155,7 @@ def test_cold_start_end_to_end_on_a_beauty_slice(beauty_slice, trained, capsys):
     assert result["users"]["unseen_target"] == np.isin(test.target, unseen).sum()
     assert result["users"]["unseen_target"] > 0
     assert result["tiger"]["0"]["unseen_target"] == [0.0] * 20   # the seen ranking never holds one
+    assert all(len(v) == 4 and max(v) < 0 for v in result["mean_log_p_per_level"].values())
     curves = [g for v in (*result["tiger"].values(), *result["semantic_knn"].values()) for g in v.values()]
     assert all(np.all(np.diff(c) >= 0) for c in curves)           # Recall@K never falls as K grows
     top = evaluation.main([f"--ckpt={best}", "--history=1,2,3", "--epsilon=1.0"])
