@@ -428,15 +428,16 @@ def main(argv):
     print(f"{config['ckpt']} (step {saved['step']}) on {config['split']}, {how}:")
     for k, v in result.items():
         print(f"  {k:13s} {v:.4f}")
-    if names:  # Table 4: what the users of the most common target categories are shown
-        print("\n".join(["  categories of the top 10 (Table 4):"]
-                        + ["    " + line for line in category_mix(items, targets, category, names)]))
-    print("  most popular: " + ", ".join(f"{k} {v:.4f}" for k, v in most_popular(ds, examples, unseen).items()))
+    mix = category_mix(items, targets, category, names) if names else []
+    if mix:  # Table 4: what the users of the most common target categories are shown
+        print("\n".join(["  categories of the top 10 (Table 4):"] + ["    " + line for line in mix]))
+    popular = most_popular(ds, examples, unseen)
+    print("  most popular: " + ", ".join(f"{k} {v:.4f}" for k, v in popular.items()))
     name = (f"eval_{os.path.splitext(os.path.basename(config['ckpt']))[0]}_{config['split']}_"
             f"{'' if config['constrained'] else 'free_'}beam{beam}"
             + (f"_T{config['temperature']:g}_seed{config['seed']}" if config["temperature"] > 0 else "") + ".json")
     path = os.path.join(os.path.dirname(config["ckpt"]), name)
-    data.write_json(path, {"metrics": result, "checkpoint_step": saved["step"],
+    data.write_json(path, {"metrics": result, "table4": mix, "most_popular": popular, "checkpoint_step": saved["step"],
                            "provenance": data.provenance("eval.py", list(argv), dev)})
     print(f"  written to {path}")
     return result
