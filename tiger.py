@@ -8,7 +8,8 @@ codes, kept to valid IDs, gives a ranked list of items. This file reads in one s
   1. config: the run's settings as plain globals (`python tiger.py config/tiger_paper.py --lr=0.003`)
   2. the model, written by hand in T5's manner and described by one TIGERConfig: RMSNorm, relative
      position bias, attention, ReLU MLP, encoder and decoder layers, the output layer
-  3. decoding: prefix tables of the valid IDs, constrained beam search, scoring a whole split
+  3. decoding: prefix tables of the valid IDs, constrained beam search, cold-start candidates and
+     the epsilon rule, scoring a whole split
   4. training: input dropout, learning-rate schedule, optimizer, weight average, checkpoints that
      carry their Semantic IDs, the loop with validation-only model selection, one final test
 
