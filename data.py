@@ -244,6 +244,11 @@ def unseen_items(dataset, share):
     return np.sort(np.random.default_rng(COLD_START_SEED).choice(targets, n, replace=False))
 
 
+def seen_items(dataset, unseen):
+    """The complement: (n_items,) bool, True for the items training may see (row i is item id i+1)."""
+    return ~np.isin(np.arange(1, dataset.n_items + 1), unseen)
+
+
 # ----------------------------------------------------------------------------------------------
 # 3. The user token. The paper hashes the raw user id into 2,000 buckets. Python's hash() of a str
 # is salted per process (PYTHONHASHSEED), so we use the first 8 bytes of an MD5 digest: the same

@@ -316,6 +316,11 @@ def show(ds, tokenizer, header, history, top, target=None):
     print()
 
 
+def ckpt_stem(path):
+    """'best' for .../best.pt, 'ckpt' for .../ckpt.pt: names a result file after what it scored."""
+    return os.path.splitext(os.path.basename(path))[0]
+
+
 def parse_history(text, ds):
     """'B004756YJA,17,...' -> item ids (oldest first): each entry an item id or an ASIN."""
     by_asin = {it.get("asin"): it["item"] for it in ds.items}
@@ -372,7 +377,7 @@ def main(argv):
     _, valid, test = data.split(ds, unseen)
     examples = valid if config["split"] == "valid" else test
     beam = config["beam_size"] or trained_with["beam_size"]
-    tables = tiger.PrefixTables(tokenizer, dev, np.setdiff1d(np.arange(1, ds.n_items + 1), unseen))
+    tables = tiger.PrefixTables(tokenizer, dev, np.flatnonzero(data.seen_items(ds, unseen)) + 1)
     if len(unseen):  # the unseen items' candidates: prefixes of all items, and who sits under them
         all_tables = tiger.PrefixTables(tokenizer, dev)
         unseen_of_prefix = tiger.unseen_table(all_tables, tokenizer.codes, unseen)
@@ -433,8 +438,7 @@ def main(argv):
         print("\n".join(["  categories of the top 10 (Table 4):"] + ["    " + line for line in mix]))
     popular = most_popular(ds, examples, unseen)
     print("  most popular: " + ", ".join(f"{k} {v:.4f}" for k, v in popular.items()))
-    name = (f"eval_{os.path.splitext(os.path.basename(config['ckpt']))[0]}_{config['split']}_"
-            f"{'' if config['constrained'] else 'free_'}beam{beam}"
+    name = (f"eval_{ckpt_stem(config['ckpt'])}_{config['split']}_{'' if config['constrained'] else 'free_'}beam{beam}"
             + (f"_T{config['temperature']:g}_seed{config['seed']}" if config["temperature"] > 0 else "") + ".json")
     path = os.path.join(os.path.dirname(config["ckpt"]), name)
     data.write_json(path, {"metrics": result, "table4": mix, "most_popular": popular, "checkpoint_step": saved["step"],
@@ -493,8 +497,7 @@ def score_cold_start(config, argv, model, ds, examples, tokenizer, user_tok, tab
         knn = semantic_knn(ds.item_emb, examples.history[order], examples.length[order], k_max, query)
         result["semantic_knn"][query] = {g: recall_curve(knn[m], targets[m], COLD_KS) for g, m in groups.items()}
     result["provenance"] = data.provenance("eval.py", list(argv), dev)
-    stem = os.path.splitext(os.path.basename(config["ckpt"]))[0]     # best (best.pt) or ckpt (ckpt.pt)
-    path = os.path.join(os.path.dirname(config["ckpt"]), f"cold_start_{stem}_{config['split']}_beam{beam}.json")
+    path = os.path.join(os.path.dirname(config["ckpt"]), f"cold_start_{ckpt_stem(config['ckpt'])}_{config['split']}_beam{beam}.json")
     data.write_json(path, result)
     print(f"{config['ckpt']}, cold start on {config['split']}: {len(unseen)} unseen items; "
           f"{result['users']['unseen_target']} users with an unseen held-out item, "

@@ -139,7 +139,7 @@ def main(argv):
         seen = None
         if config['cold_start'] > 0:  # cold start (Sec. 4.3): the unseen items never reach the RQ-VAE
             unseen = data.unseen_items(ds, config['cold_start'])
-            seen = ~np.isin(np.arange(1, ds.n_items + 1), unseen)
+            seen = data.seen_items(ds, unseen)
             print(f"cold start: {len(unseen)} unseen items ({config['cold_start']:g} of the test targets); "
                   f"the IDs are fitted on the other {seen.sum()}")
         codes, extra, model = rqvae.make_ids(ds.item_emb, want, device, seen)

@@ -493,7 +493,7 @@ if __name__ == '__main__':
         t0 = time.time()
         dev = data.pick_device(config['device'])
         unseen = data.unseen_items(ds, config['cold_start'])
-        seen = ~np.isin(np.arange(1, ds.n_items + 1), unseen) if len(unseen) else None
+        seen = data.seen_items(ds, unseen) if len(unseen) else None
         codes, extra, _ = make_ids(ds.item_emb, config, dev, seen)
         report(config['ids'], all_stats(codes, config, extra, ds.items))
         print(f"  took {time.time() - t0:.0f} s on {dev}")

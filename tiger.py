@@ -806,7 +806,7 @@ def train(s, run_dir, argv=()):
                               f"--ckpt={best_path}` (it keeps its own IDs), or start a new run")
     tokenizer = data.Tokenizer(codes, s["n_user_buckets"])
     user_tok = tokenizer.user_tokens(ds.users) if s["user_token"] else None   # (n_users,) or none
-    tables = PrefixTables(tokenizer, dev, np.setdiff1d(np.arange(1, ds.n_items + 1), unseen))  # seen items
+    tables = PrefixTables(tokenizer, dev, np.flatnonzero(data.seen_items(ds, unseen)) + 1)  # seen items
     train_ex, valid, test = data.split(ds, unseen)
     torch.manual_seed(s["seed"])
     model_config = model_config_for(tokenizer, s)
