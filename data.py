@@ -446,22 +446,46 @@ def provenance(script, argv, device="cpu"):
             "torch": torch.__version__}
 
 
-def ids_folder(out_dir, name, ids, cold_start=0.0):
-    """Where prepare.py writes a build: out/<dataset>/<ids>/, or out/<dataset>/<ids>-cold<share>/
-    for the cold-start experiment's IDs (built without the unseen items), so they never replace the
+def fit_with_names(fit_with):
+    """The --fit_with setting ('sports,toys': other datasets whose items also train the RQ-VAE, App. E)
+    as a sorted tuple of names, so 'toys,sports' is the same build; () for ''."""
+    names = sorted({n.strip() for n in fit_with.split(",") if n.strip()})
+    unknown = [n for n in names if n not in DATASETS]
+    if unknown:
+        raise InputError(f"--fit_with={fit_with}: unknown dataset {', '.join(unknown)}; use names from "
+                         f"{', '.join(DATASETS)}, separated by commas")
+    return tuple(names)
+
+
+def fit_with_embeddings(fit_with):
+    """The item embeddings of the --fit_with datasets, stacked (M, 768), or None for ''."""
+    names = fit_with_names(fit_with)
+    return np.concatenate([load_dataset(n).item_emb for n in names]) if names else None
+
+
+def ids_folder(out_dir, name, ids, cold_start=0.0, fit_with=""):
+    """Where prepare.py writes a build: out/<dataset>/<ids>/; out/<dataset>/<ids>-cold<share>/ for the
+    cold-start experiment's IDs (built without the unseen items), out/<dataset>/<ids>-with-<others>/
+    for IDs learnt together with other datasets' items (--fit_with), so neither ever replaces the
     main build. Runs go into a folder under it."""
-    return os.path.join(out_dir, name, f"{ids}-cold{cold_start:g}" if cold_start > 0 else ids)
+    if cold_start > 0:
+        ids = f"{ids}-cold{cold_start:g}"
+    if fit_with_names(fit_with):
+        ids = f"{ids}-with-{'+'.join(fit_with_names(fit_with))}"
+    return os.path.join(out_dir, name, ids)
 
 
-def load_codes(ds, ids="rqvae", out_dir="out", dataset=None, cold_start=0.0):
+def load_codes(ds, ids="rqvae", out_dir="out", dataset=None, cold_start=0.0, fit_with=""):
     """The (n_items, L) int64 Semantic-ID table that prepare.py wrote for dataset ds and scheme ids
-    (and cold-start share), checked as strictly as prepare.py checks it before reusing it: finished
+    (and cold-start share, and other datasets fitted with), checked as strictly as prepare.py checks it before reusing it: finished
     build, right scheme, dataset and share, built from these very embeddings, the table prepare.py
     wrote (checksum), one distinct in-range ID per item. dataset: the name or folder the user gave,
     for the suggested fix command."""
-    folder = ids_folder(out_dir, ds.name, ids, cold_start)
+    folder = ids_folder(out_dir, ds.name, ids, cold_start, fit_with)
+    others = ",".join(fit_with_names(fit_with))
     fix = (f"python prepare.py --dataset={dataset or ds.name} --ids={ids}"
            + (f" --cold_start={cold_start:g}" if cold_start > 0 else "")
+           + (f" --fit_with={others}" if others else "")
            + (f" --out_dir={out_dir}" if os.path.normpath(out_dir) != "out" else ""))
     paths = {f: os.path.join(folder, f) for f in ("codes.npy", "config.json", "stats.json")}
     for p in paths.values():
@@ -484,9 +508,10 @@ def load_codes(ds, ids="rqvae", out_dir="out", dataset=None, cold_start=0.0):
     except Exception as e:
         raise InputError(f"{paths['codes.npy']} cannot be read ({e}); run `{fix} --force`") from None
     problem = None
-    if (built.get("ids"), built.get("dataset"), built.get("cold_start", 0.0)) != (ids, ds.name, cold_start):
+    if ((built.get("ids"), built.get("dataset"), built.get("cold_start", 0.0), built.get("fit_with", ""))
+            != (ids, ds.name, cold_start, others)):
         problem = (f"the folder holds {built.get('ids')} IDs of {built.get('dataset')}, cold-start share "
-                   f"{built.get('cold_start', 0.0)} (config.json)")
+                   f"{built.get('cold_start', 0.0)}, fitted with '{built.get('fit_with', '')}' (config.json)")
     elif emb_md5 != md5(ds.item_emb):
         problem = (f"these IDs were built from other item embeddings than {ds.name}'s (its item_emb.npy "
                    f"changed, or another dataset folder named '{ds.name}' wrote them)")

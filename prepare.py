@@ -6,6 +6,8 @@ prepare.py -- everything before training: item embeddings -> Semantic IDs -> fil
     python prepare.py --force                  # rebuild even if the artefacts are up to date
     python prepare.py --cold_start=0.05        # the cold-start experiment's IDs (Sec. 4.3), fitted
                                                # without 5% of the test targets: out/beauty/rqvae-cold0.05/
+    python prepare.py --fit_with=sports,toys   # App. E (Table 10): the RQ-VAE learns from the items of all
+                                               # three datasets: out/beauty/rqvae-with-sports+toys/
 
 It writes into out/<dataset>/<ids>/:
     codes.npy    (n_items, L) int64, row i = the Semantic ID of item id i+1, collision token last
@@ -41,14 +43,19 @@ force = False             # rebuild even when the artefacts match the settings
 DEFAULTS = {**rqvae.DEFAULTS, **data.settings(globals())}
 
 
-def scheme_config(config, ds):
+def scheme_config(config, ds, also_fit=None):
     """The settings that decide the IDs: the dataset (and a fingerprint of its embeddings), the
     scheme, the seed, and that scheme's hyperparameters. Settings of other schemes are left out, so
-    --lr=0.1 does not rebuild the LSH IDs. level_sizes tells the reader the range of each level."""
+    --lr=0.1 does not rebuild the LSH IDs. level_sizes tells the reader the range of each level.
+    also_fit: the other datasets' embeddings of --fit_with, fingerprinted too."""
     keys = ['dataset', 'ids', 'seed'] + rqvae.SCHEME_KEYS[config['ids']]
-    cold = {'cold_start': config['cold_start']} if config['cold_start'] > 0 else {}  # absent: the main build
+    variant = {}                                   # absent for the main build
+    if config['cold_start'] > 0:
+        variant['cold_start'] = config['cold_start']
+    if also_fit is not None:
+        variant.update(fit_with=','.join(data.fit_with_names(config['fit_with'])), fit_with_md5=data.md5(also_fit))
     return {**{k: config[k] for k in keys}, 'dataset': ds.name, 'n_items': ds.n_items,
-            'item_emb_md5': data.md5(ds.item_emb), 'level_sizes': rqvae.level_sizes(config), **cold}
+            'item_emb_md5': data.md5(ds.item_emb), 'level_sizes': rqvae.level_sizes(config), **variant}
 
 
 def check_artefacts(folder, want, ds, out_dir):
@@ -67,7 +74,8 @@ def check_artefacts(folder, want, ds, out_dir):
         changed = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
         return f"the settings changed ({', '.join(changed)})"
     try:  # the very checks tiger.py makes when it reads the IDs
-        codes = data.load_codes(ds, want['ids'], out_dir, cold_start=want.get('cold_start', 0.0))
+        codes = data.load_codes(ds, want['ids'], out_dir, cold_start=want.get('cold_start', 0.0),
+                                fit_with=want.get('fit_with', ''))
     except data.InputError as e:
         return str(e).split('; run')[0]
     if want['ids'] == 'rqvae':
@@ -121,13 +129,15 @@ def main(argv):
     rqvae.check_config(config, ds.n_items)
     torch.manual_seed(config['seed'])
     np.random.seed(config['seed'])
-    want = scheme_config(config, ds)
-    folder = data.ids_folder(config['out_dir'], ds.name, config['ids'], config['cold_start'])
+    also_fit = data.fit_with_embeddings(config['fit_with'])  # App. E: other datasets' items train the RQ-VAE too
+    want = scheme_config(config, ds, also_fit)
+    folder = data.ids_folder(config['out_dir'], ds.name, config['ids'], config['cold_start'], config['fit_with'])
     with data.folder_lock(folder):  # one prepare.py at a time per ID folder
         reason = 'forced with --force' if config['force'] else check_artefacts(folder, want, ds, config['out_dir'])
         if reason is None:
             print(f"reusing the {config['ids']} IDs in {folder} (same settings; --force rebuilds)")
-            codes = data.load_codes(ds, config['ids'], config['out_dir'], cold_start=config['cold_start'])
+            codes = data.load_codes(ds, config['ids'], config['out_dir'], cold_start=config['cold_start'],
+                                    fit_with=config['fit_with'])
             with open(os.path.join(folder, 'stats.json'), encoding='utf-8') as f:
                 stats = json.load(f)
             rqvae.report(config['ids'], stats)
@@ -142,7 +152,10 @@ def main(argv):
             seen = data.seen_items(ds, unseen)
             print(f"cold start: {len(unseen)} unseen items ({config['cold_start']:g} of the test targets); "
                   f"the IDs are fitted on the other {seen.sum()}")
-        codes, extra, model = rqvae.make_ids(ds.item_emb, want, device, seen)
+        if also_fit is not None:
+            print(f"the RQ-VAE also learns from the {len(also_fit)} items of {config['fit_with']} (App. E); "
+                  f"only {ds.name}'s items get codes")
+        codes, extra, model = rqvae.make_ids(ds.item_emb, want, device, seen, also_fit)
         stats = {**rqvae.all_stats(codes, want, extra, ds.items), 'build_seconds': round(time.time() - t0, 1),
                  'device': device, 'codes_md5': data.md5(codes)}   # ties stats.json to this very codes.npy
         files = {'codes.npy': lambda f: np.save(f, codes, allow_pickle=False),

@@ -56,6 +56,9 @@ collision_size = 256      # the collision code has this many values; a larger gr
 cold_start = 0.0          # > 0: IDs for the cold-start experiment (Sec. 4.3; paper 0.05): this share of
                           # the test targets is unseen (data.unseen_items), left out of the RQ-VAE's
                           # training and of the collision numbering; written to out/<dataset>/<ids>-cold<share>/
+fit_with = ''             # other datasets whose items also train the RQ-VAE, e.g. 'sports,toys': Semantic IDs
+                          # learnt on the items of several datasets, then used for this one (App. E, Table 10);
+                          # written to out/<dataset>/<ids>-with-<datasets>/
 DEFAULTS = data.settings(globals())  # prepare.py takes these same settings
 # the settings each scheme depends on: prepare.py rebuilds a scheme's IDs when one of these changes
 SCHEME_KEYS = {
@@ -80,6 +83,16 @@ RANGES = {  # what check_config accepts (data.check_settings)
 def check_config(config, n_items):
     """The settings' ranges, and whether the dataset is big enough for them."""
     data.check_settings(config, RANGES)
+    others = data.fit_with_names(config['fit_with'])
+    if others and config['ids'] != 'rqvae':
+        raise data.InputError(f"--fit_with trains the RQ-VAE on more items; it works with --ids=rqvae only "
+                              f"(got --ids={config['ids']})")
+    if others and config['cold_start'] > 0:
+        raise data.InputError("--fit_with and --cold_start cannot be combined (the other datasets would "
+                              "bring in items the cold-start experiment keeps unseen)")
+    if data.dataset_name(config['dataset']) in others:
+        raise data.InputError(f"--fit_with={config['fit_with']} names the dataset itself; list the other "
+                              f"datasets only, e.g. --dataset=beauty --fit_with=sports,toys")
     if config['cold_start'] > 0 and config['ids'] == 'rqkmeans':
         raise data.InputError("--cold_start works with --ids=rqvae, lsh or random (RQ-KMeans would have to "
                               "assign unseen items to centroids fitted without them; not written)")
@@ -369,17 +382,23 @@ def level_sizes(cfg):
     return sizes + [cfg['collision_size']]
 
 
-def make_ids(emb, cfg, device='cpu', seen=None):
+def make_ids(emb, cfg, device='cpu', seen=None, also_fit=None):
     """The one entry point: emb (N, 768), cfg a dict of the settings above (cfg['ids'] is the scheme).
     seen: (N,) bool, cold start: only these items' embeddings train the RQ-VAE and only they are
-    numbered by the collision token; every item gets its codes. Returns codes (N, L) int64 with the
-    collision token last, extra statistics, and the model (or None)."""
+    numbered by the collision token; every item gets its codes. also_fit: (M, 768), rqvae only, the
+    items of other datasets (App. E): they train the RQ-VAE beside emb's items but get no codes, so the
+    collision token numbers this dataset's items only. Returns codes (N, L) int64 with the collision
+    token last, extra statistics, and the model (or None)."""
     scheme, model, extra = cfg['ids'], None, {}
     level_sizes(cfg)  # rejects an unknown scheme before any work
     if seen is not None and scheme == 'rqkmeans':
         raise data.InputError("cold start is not written for --ids=rqkmeans")
+    if also_fit is not None and scheme != 'rqvae':
+        raise data.InputError("--fit_with works with --ids=rqvae only")
     if scheme == 'rqvae':
         fit = emb if seen is None else emb[np.asarray(seen, dtype=bool)]   # never an unseen embedding
+        if also_fit is not None:
+            fit = np.concatenate([fit, also_fit])                          # (N + M, 768)
         model, log = train_rqvae(fit, cfg['n_levels'], cfg['codebook_size'], cfg['latent_dim'], cfg['beta'],
                                  cfg['optimizer'], cfg['lr'], cfg['batch_size'], cfg['n_epochs'],
                                  cfg['kmeans_iters'], cfg['reset_dead_codes'], cfg['seed'], device)
@@ -494,7 +513,7 @@ if __name__ == '__main__':
         dev = data.pick_device(config['device'])
         unseen = data.unseen_items(ds, config['cold_start'])
         seen = data.seen_items(ds, unseen) if len(unseen) else None
-        codes, extra, _ = make_ids(ds.item_emb, config, dev, seen)
+        codes, extra, _ = make_ids(ds.item_emb, config, dev, seen, data.fit_with_embeddings(config['fit_with']))
         report(config['ids'], all_stats(codes, config, extra, ds.items))
         print(f"  took {time.time() - t0:.0f} s on {dev}")
     except data.InputError as e:

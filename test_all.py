@@ -417,6 +417,44 @@ def test_cold_start_ids_are_fitted_without_the_unseen_embeddings():
     assert np.array_equal(codes_b[~seen, :2], rqvae.rqvae_codes(model_b, other[~seen])[0])
 
 
+def test_ids_fitted_with_other_datasets_learn_from_their_items_and_number_only_this_ones():
+    rng = np.random.default_rng(0)
+    emb, others = rng.standard_normal((300, 16)).astype(np.float32), rng.standard_normal((200, 16)).astype(np.float32)
+    cfg = {**rqvae.DEFAULTS, "ids": "rqvae", "n_levels": 2, "codebook_size": 8, "latent_dim": 4,
+           "batch_size": 128, "n_epochs": 2, "kmeans_iters": 3, "seed": 0}
+    codes, _, model = rqvae.make_ids(emb, cfg, also_fit=others)
+    union_codes, _, union_model = rqvae.make_ids(np.concatenate([emb, others]), cfg)
+    # the very RQ-VAE that trains on the union of the items (App. E) ...
+    assert all(torch.equal(v, union_model.state_dict()[k]) for k, v in model.state_dict().items())
+    assert np.array_equal(codes[:, :2], union_codes[:300, :2])
+    # ... not the one of this dataset alone
+    alone, _, _ = rqvae.make_ids(emb, cfg)
+    assert (alone[:, :2] != codes[:, :2]).any()
+    # only this dataset's items get IDs; the collision token numbers them among themselves
+    assert codes.shape == (300, 3)
+    assert np.array_equal(codes, rqvae.add_collision_token(codes[:, :2]))
+    with pytest.raises(data.InputError, match="rqvae only"):
+        rqvae.make_ids(emb, {**cfg, "ids": "lsh"}, also_fit=others)
+
+
+def test_ids_fitted_with_other_datasets_have_their_own_folder():
+    assert data.ids_folder("out", "beauty", "rqvae", fit_with="toys, sports") == os.path.join(
+        "out", "beauty", "rqvae-with-sports+toys")
+    assert data.ids_folder("out", "beauty", "rqvae", fit_with="") == os.path.join("out", "beauty", "rqvae")
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--fit_with=books"], "unknown dataset books"),
+    (["--fit_with=beauty"], "names the dataset itself"),
+    (["--fit_with=toys", "--ids=lsh"], "rqvae only"),
+    (["--fit_with=toys", "--cold_start=0.05"], "cannot be combined"),
+])
+def test_prepare_checks_fit_with_at_the_door(tmp_path, flags, expected):
+    with pytest.raises(data.InputError, match=expected):
+        prepare.main(flags + [f'--out_dir={tmp_path}'])
+    assert not os.path.exists(tmp_path / 'beauty')
+
+
 def test_collision_group_larger_than_the_token_range_is_an_error():
     with pytest.raises(data.InputError, match='collision'):
         rqvae.add_collision_token(np.zeros((5, 3), dtype=np.int64), collision_size=4)
@@ -1383,7 +1421,8 @@ def test_a_run_from_before_the_cold_start_option_still_resumes(beauty_slice, tra
     old = run_dir(beauty_slice, "before_cold")
     shutil.copytree(trained, old)
     ckpt = torch.load(os.path.join(old, "ckpt.pt"), weights_only=True)
-    del ckpt["settings"]["cold_start"]                      # as tiger.py wrote it before the option
+    del ckpt["settings"]["cold_start"]                      # as tiger.py wrote it before the options
+    del ckpt["settings"]["fit_with"]
     ckpt["settings"]["run"] = "before_cold"
     torch.save(ckpt, os.path.join(old, "ckpt.pt"))
     assert tiger.main(run_args(beauty_slice, "before_cold", steps=20) + ["--resume"])["best_step"] == 20

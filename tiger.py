@@ -47,6 +47,8 @@ resume = False            # continue the run in <run folder>/ckpt.pt
 cold_start = 0.0          # > 0: the cold-start experiment (Sec. 4.3; paper 0.05): train without this
                           # share of the test targets (data.unseen_items), on the IDs prepare.py
                           # --cold_start built in out/<dataset>/<ids>-cold<share>/; eval.py --cold_start scores it
+fit_with = ""             # e.g. "sports,toys": train on the IDs prepare.py --fit_with learnt together with
+                          # those datasets' items (App. E, Table 10), in out/<dataset>/<ids>-with-<datasets>/
 # the model (TIGERConfig)
 n_layer = 2               # encoder layers and decoder layers (paper: 4 + 4)
 n_head = 2                # paper: 6
@@ -117,6 +119,7 @@ def validate_settings(settings):
                               "give one of them")
     if settings["device"] == "cuda" and not torch.cuda.is_available():
         raise data.InputError("device=cuda but no CUDA GPU is visible; use --device=cpu or auto")
+    data.fit_with_names(settings["fit_with"])  # known dataset names, or an error
 
 
 def make_autocast(dev, precision):
@@ -778,7 +781,7 @@ def train(s, run_dir, argv=()):
         # where the run lives and how fast it is scored may change; what it trains may not
         bookkeeping = ("resume", "overwrite", "out_dir", "device", "eval_batch_size", "bench", "profile")
         # settings added after a checkpoint was written, at the value that trains as it did
-        saved = {"cold_start": 0.0, **ckpt["settings"]}
+        saved = {"cold_start": 0.0, "fit_with": "", **ckpt["settings"]}
         newer = [k for k in s if k not in bookkeeping and k not in saved]
         if newer:
             raise data.InputError(f"--resume: {ckpt_path} was written before the option(s) "
@@ -796,7 +799,7 @@ def train(s, run_dir, argv=()):
     dev = data.pick_device(s["device"])
     provenance = data.provenance("tiger.py", list(argv), dev)  # the code as it is now, at the start
     ds = data.load_dataset(s["dataset"])
-    codes = data.load_codes(ds, s["ids"], s["out_dir"], s["dataset"], s["cold_start"])
+    codes = data.load_codes(ds, s["ids"], s["out_dir"], s["dataset"], s["cold_start"], s["fit_with"])
     unseen = data.unseen_items(ds, s["cold_start"])   # cold start: items no training example holds
     fingerprint = ids_fingerprint(codes, ds, unseen)
     if ckpt is not None and ckpt["ids_fingerprint"] != fingerprint:
@@ -922,7 +925,8 @@ def main(argv):
     settings = data.configure(DEFAULTS, argv)
     validate_settings(settings)
     run_dir = os.path.join(data.ids_folder(settings["out_dir"], data.dataset_name(settings["dataset"]),
-                                           settings["ids"], settings["cold_start"]), settings["run"])
+                                           settings["ids"], settings["cold_start"], settings["fit_with"]),
+                          settings["run"])
     if settings["bench"]:  # measures only, writes nothing
         return train(settings, run_dir, argv)
     with data.folder_lock(run_dir):  # one live run per folder
