@@ -1265,6 +1265,7 @@ def test_report_sets_every_finished_run_beside_the_paper(tmp_path, capsys):
     assert "| beauty | rqvae | default | 2 | 0.0248 ± 0.0003 | 0.0124 ± 0.0001 | 0.0495 ± 0.0005 |" in table
     assert "| beauty | paper, Table 1 | | | 0.0454 | 0.0321 | 0.0648 | 0.0384 | |" in table
     assert "| beauty | rqvae | user_dropout=0.0 user_token=False | 1 | 0.0200 |" in table
+    assert "| beauty | paper, Table 8 | | | 0.0446 | 0.0302 | 0.0648 | 0.0367 | |" in table
     assert "| toys | lsh | default | 1 | 0.0150 |" in table and "| toys | paper, Table 1" not in table
     assert "| toys | paper, Table 2 | | | 0.0412 | 0.0299 | 0.0566 | 0.0349 | |" in table
     assert "| 10.0 min | abc1234 | AMD EPYC, threads: 2 | `python tiger.py` |" in table
