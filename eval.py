@@ -181,9 +181,10 @@ def most_popular(dataset, examples, unseen=(), k=max(KS)):
     return recall_ndcg(ranks_of(np.tile(top, (len(examples), 1)), examples.target))
 
 
-def print_table(results, name):
-    """The run's metrics beside the most-popular baseline and the paper's Table 1. results: a dict
-    with 'test' (and optionally 'valid', 'test_most_popular') metric dicts."""
+def print_table(results, name, ids="rqvae"):
+    """The run's metrics beside the most-popular baseline and the paper's (Table 1, or Table 2 for
+    the other ID schemes). results: a dict with 'test' (and optionally 'valid', 'test_most_popular')
+    metric dicts."""
     keys = ("recall@5", "ndcg@5", "recall@10", "ndcg@10")
     rows = [("TIGER, validation", results.get("valid")), ("TIGER, test", results.get("test")),
             ("most popular, test", results.get("test_most_popular"))]
@@ -191,8 +192,9 @@ def print_table(results, name):
     for label, row in rows:
         if row is not None:
             print(f"{label:22s}" + "".join(f"{row[k]:11.4f}" for k in keys))
-    if name in PAPER:
-        print(f"{'paper (Table 1), test':22s}" + "".join(f"{v:11.4f}" for v in PAPER[name]))
+    table, paper = ("Table 1", PAPER.get(name)) if ids == "rqvae" else ("Table 2", PAPER_IDS.get((name, ids)))
+    if paper:
+        print(f"{f'paper ({table}), test':22s}" + "".join(f"{v:11.4f}" for v in paper))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -914,7 +914,7 @@ def train(s, run_dir, argv=()):
     results["ids_fingerprint"] = fingerprint
     results["log"] = log
     data.write_json(metrics_path, results)
-    evaluation.print_table(results, ds.name)
+    evaluation.print_table(results, ds.name, s["ids"])
     print(f"wall time {results['wall_s'] / 60:.1f} min; best checkpoint {best_path} "
           f"(step {results['best_step']}); metrics {metrics_path}")
     return results
