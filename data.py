@@ -477,10 +477,10 @@ def ids_folder(out_dir, name, ids, cold_start=0.0, fit_with=""):
 
 def load_codes(ds, ids="rqvae", out_dir="out", dataset=None, cold_start=0.0, fit_with=""):
     """The (n_items, L) int64 Semantic-ID table that prepare.py wrote for dataset ds and scheme ids
-    (and cold-start share, and other datasets fitted with), checked as strictly as prepare.py checks it before reusing it: finished
-    build, right scheme, dataset and share, built from these very embeddings, the table prepare.py
-    wrote (checksum), one distinct in-range ID per item. dataset: the name or folder the user gave,
-    for the suggested fix command."""
+    (and cold-start share, and --fit_with datasets), checked as strictly as prepare.py checks it
+    before reusing it: finished build, right scheme, dataset and variant, built from these very
+    embeddings, the table prepare.py wrote (checksum), one distinct in-range ID per item. dataset:
+    the name or folder the user gave, for the suggested fix command."""
     folder = ids_folder(out_dir, ds.name, ids, cold_start, fit_with)
     others = ",".join(fit_with_names(fit_with))
     fix = (f"python prepare.py --dataset={dataset or ds.name} --ids={ids}"

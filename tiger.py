@@ -119,7 +119,7 @@ def validate_settings(settings):
                               "give one of them")
     if settings["device"] == "cuda" and not torch.cuda.is_available():
         raise data.InputError("device=cuda but no CUDA GPU is visible; use --device=cpu or auto")
-    data.fit_with_names(settings["fit_with"])  # known dataset names, or an error
+    settings["fit_with"] = ",".join(data.fit_with_names(settings["fit_with"]))  # known names, one spelling
 
 
 def make_autocast(dev, precision):
