@@ -1264,6 +1264,7 @@ def test_report_sets_every_finished_run_beside_the_paper(tmp_path, capsys):
     # two seeds of the default: mean 0.0495, standard error 0.0005 (std 0.000707 / sqrt 2)
     assert "| beauty | rqvae | default | 2 | 0.0248 ± 0.0003 | 0.0124 ± 0.0001 | 0.0495 ± 0.0005 |" in table
     assert "| beauty | paper, Table 1 | | | 0.0454 | 0.0321 | 0.0648 | 0.0384 | |" in table
+    assert "| beauty | paper, Table 9 | | 3 | 0.0441 ± 0.0007 |" in table      # beside the seeds' mean
     assert "| beauty | rqvae | user_dropout=0.0 user_token=False | 1 | 0.0200 |" in table
     assert "| beauty | paper, Table 8 | | | 0.0446 | 0.0302 | 0.0648 | 0.0367 | |" in table
     assert "| toys | lsh | default | 1 | 0.0150 |" in table and "| toys | paper, Table 1" not in table
