@@ -1305,6 +1305,27 @@ def test_a_checkpoint_is_scored_with_the_ids_it_was_trained_on(beauty_slice, tra
         tiger.main(args + ["--resume"])
 
 
+def test_ids_learnt_with_another_dataset_get_their_own_folder_and_a_run_trains_on_them(beauty_slice, tmp_path):
+    import shutil
+    folder, out = beauty_slice
+    shutil.copytree(out, tmp_path / "out")
+    out = str(tmp_path / "out")
+    args = [f"--dataset={folder}", f"--out_dir={out}", "--fit_with=toys", "--n_epochs=2", "--kmeans_iters=3",
+            "--collision_size=2000"]
+    codes, _, reused = prepare.main(args)
+    assert not reused and os.path.isfile(os.path.join(out, "beauty1k", "rqvae-with-toys", "codes.npy"))
+    main_codes = data.load_codes(data.load_dataset(folder), "rqvae", out)     # the main build is untouched
+    assert codes.shape == main_codes.shape and not np.array_equal(codes, main_codes)
+    assert prepare.main(args)[2]                                              # and it is reused
+    args = run_args(beauty_slice, "joint", steps=20)
+    args[1] = f"--out_dir={out}"
+    tiger.main(args + ["--fit_with=toys"])
+    ckpt = torch.load(os.path.join(out, "beauty1k", "rqvae-with-toys", "joint", "best.pt"), weights_only=True)
+    assert np.array_equal(ckpt["codes"].numpy(), codes) and ckpt["settings"]["fit_with"] == "toys"
+    with pytest.raises(data.InputError, match=r"rqvae-with-sports\+toys.*missing.*--fit_with=sports,toys"):
+        tiger.main(args + ["--fit_with=toys,sports", "--run=other"])
+
+
 def test_a_second_run_with_the_same_name_is_refused(beauty_slice, trained):
     before = {f: os.path.getmtime(os.path.join(trained, f)) for f in ("best.pt", "ckpt.pt", "metrics.json")}
     with pytest.raises(data.InputError, match="holds an earlier run .*--resume.*--overwrite.*--run=NAME"):
