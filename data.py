@@ -468,10 +468,11 @@ def ids_folder(out_dir, name, ids, cold_start=0.0, fit_with=""):
     cold-start experiment's IDs (built without the unseen items), out/<dataset>/<ids>-with-<others>/
     for IDs learnt together with other datasets' items (--fit_with), so neither ever replaces the
     main build. Runs go into a folder under it."""
+    others = fit_with_names(fit_with)
     if cold_start > 0:
         ids = f"{ids}-cold{cold_start:g}"
-    if fit_with_names(fit_with):
-        ids = f"{ids}-with-{'+'.join(fit_with_names(fit_with))}"
+    if others:
+        ids = f"{ids}-with-{'+'.join(others)}"
     return os.path.join(out_dir, name, ids)
 
 

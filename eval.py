@@ -45,6 +45,13 @@ PAPER_RECIPES = {("beauty", "rqvae", "user_dropout=0.0 user_token=False"): ("Tab
                  ("beauty", "rqvae", "fit_with=sports,toys"): ("Table 10", (0.04355, 0.03047, 0.06314, 0.03676))}
 
 
+def paper_row(name, ids, recipe="default"):
+    """The paper's (table, (R@5, N@5, R@10, N@10)) for a dataset, ID scheme and recipe, or (None, None)."""
+    if recipe != "default":
+        return PAPER_RECIPES.get((name, ids, recipe), (None, None))
+    return ("Table 1", PAPER.get(name)) if ids == "rqvae" else ("Table 2", PAPER_IDS.get((name, ids)))
+
+
 # ----------------------------------------------------------------------------------------------
 # Pure metric functions
 
@@ -196,7 +203,7 @@ def print_table(results, name, ids="rqvae"):
     for label, row in rows:
         if row is not None:
             print(f"{label:22s}" + "".join(f"{row[k]:11.4f}" for k in keys))
-    table, paper = ("Table 1", PAPER.get(name)) if ids == "rqvae" else ("Table 2", PAPER_IDS.get((name, ids)))
+    table, paper = paper_row(name, ids)
     if paper:
         print(f"{f'paper ({table}), test':22s}" + "".join(f"{v:11.4f}" for v in paper))
 
@@ -271,13 +278,10 @@ def report_tables(runs, defaults):
         cells = [mean_se([m["metrics"]["test"][k] for m in members]) for k in METRIC_KEYS]
         popular = members[0]["metrics"].get("test_most_popular", {}).get("recall@10", float("nan"))
         lines.append(f"| {name} | {ids} | {rec} | {len(members)} | {' | '.join(cells)} | {popular:.4f} |")
-        if rec == "default":
-            paper = ("Table 1", PAPER.get(name)) if ids == "rqvae" else ("Table 2", PAPER_IDS.get((name, ids)))
-        else:
-            paper = PAPER_RECIPES.get((name, ids, rec), (None, None))
-        if paper[1]:
-            cells = " | ".join(f"{v:.4f}" for v in paper[1])
-            lines.append(f"| {name} | paper, {paper[0]} | | | {cells} | |")
+        table, paper = paper_row(name, ids, rec)
+        if paper:
+            cells = " | ".join(f"{v:.4f}" for v in paper)
+            lines.append(f"| {name} | paper, {table} | | | {cells} | |")
         if rec == "default" and ids == "rqvae" and len(members) > 1 and name in PAPER_SEEDS:
             lines.append(f"| {name} | paper, Table 9 | | 3 | {' | '.join(PAPER_SEEDS[name])} | |")
     lines += ["", "| run | test Recall@10 | best step | wall | commit | machine | command |",
