@@ -147,13 +147,13 @@ def main(argv):
         t0 = time.time()
         device = data.pick_device(config['device'])
         seen = None
-        if config['cold_start'] > 0:  # cold start (Sec. 4.3): the unseen items never reach the RQ-VAE
+        if config['cold_start'] > 0:  # cold start (Sec. 4.3): the unseen items never reach the quantizer
             unseen = data.unseen_items(ds, config['cold_start'])
             seen = data.seen_items(ds, unseen)
             print(f"cold start: {len(unseen)} unseen items ({config['cold_start']:g} of the test targets); "
                   f"the IDs are fitted on the other {seen.sum()}")
         if also_fit is not None:
-            print(f"the RQ-VAE also learns from the {len(also_fit)} items of {config['fit_with']} (App. E); "
+            print(f"the {config['ids']} quantizer also learns from the {len(also_fit)} items of {config['fit_with']} (App. E); "
                   f"only {ds.name}'s items get codes")
         codes, extra, model = rqvae.make_ids(ds.item_emb, want, device, seen, also_fit)
         stats = {**rqvae.all_stats(codes, want, extra, ds.items), 'build_seconds': round(time.time() - t0, 1),

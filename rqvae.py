@@ -84,18 +84,15 @@ def check_config(config, n_items):
     """The settings' ranges, and whether the dataset is big enough for them."""
     data.check_settings(config, RANGES)
     others = data.fit_with_names(config['fit_with'])
-    if others and config['ids'] != 'rqvae':
-        raise data.InputError(f"--fit_with trains the RQ-VAE on more items; it works with --ids=rqvae only "
-                              f"(got --ids={config['ids']})")
+    if others and config['ids'] not in ('rqvae', 'rqkmeans'):
+        raise data.InputError(f"--fit_with trains the quantizer on more items; it works with --ids=rqvae or "
+                              f"rqkmeans only (got --ids={config['ids']})")
     if others and config['cold_start'] > 0:
         raise data.InputError("--fit_with and --cold_start cannot be combined (the other datasets would "
                               "bring in items the cold-start experiment keeps unseen)")
     if data.dataset_name(config['dataset']) in others:
         raise data.InputError(f"--fit_with={config['fit_with']} names the dataset itself; list the other "
                               f"datasets only, e.g. --dataset=beauty --fit_with=sports,toys")
-    if config['cold_start'] > 0 and config['ids'] == 'rqkmeans':
-        raise data.InputError("--cold_start works with --ids=rqvae, lsh or random (RQ-KMeans would have to "
-                              "assign unseen items to centroids fitted without them; not written)")
     if config['ids'] in ('rqvae', 'rqkmeans'):
         # k-means needs at least one point per codeword: the RQ-VAE initialises its codebooks on
         # one batch, RQ-KMeans clusters all items
@@ -356,13 +353,19 @@ def random_ids(n_items, n_codes=4, codebook_size=255, seed=0):
     return torch.randint(codebook_size, (n_items, n_codes), generator=g).numpy()
 
 
-def rqkmeans_ids(emb, n_levels=3, codebook_size=256, n_iter=20, seed=0, device='cpu'):
+def rqkmeans_ids(emb, n_levels=3, codebook_size=256, n_iter=20, seed=0, device='cpu', fit=None):
     """RQ-KMeans (beyond the paper): residual k-means directly on the embeddings, no autoencoder.
-    Returns codes (N, n_levels) and the squared norm of the final residual, averaged over items."""
-    r = torch.as_tensor(emb, dtype=torch.float32, device=device)
+    fit: (M, D) the embeddings the centroids are learnt from (cold start: the seen items only; App. E:
+    more datasets' items too); None = emb itself. Every row of emb then takes, level by level, the
+    centroid nearest to its residual. Returns codes (N, n_levels) and the squared norm of the final
+    residual, averaged over emb's items."""
+    r = torch.as_tensor(emb, dtype=torch.float32, device=device)                     # (N, D)
+    r_fit = r if fit is None else torch.as_tensor(fit, dtype=torch.float32, device=device)  # (M, D)
     codes = []
     for d in tqdm(range(n_levels), desc='rqkmeans'):
-        c, assign, _ = kmeans(r, codebook_size, n_iter, seed + d)
+        c, assign_fit, _ = kmeans(r_fit, codebook_size, n_iter, seed + d)            # c: (K, D)
+        assign = assign_fit if fit is None else sq_dist(r, c).argmin(1)              # (N,)
+        r_fit = r_fit - c[assign_fit]
         r = r - c[assign]
         codes.append(assign)
     return torch.stack(codes, 1).cpu().numpy(), (r ** 2).sum(-1).mean().item()
@@ -384,28 +387,28 @@ def level_sizes(cfg):
 
 def make_ids(emb, cfg, device='cpu', seen=None, also_fit=None):
     """The one entry point: emb (N, 768), cfg a dict of the settings above (cfg['ids'] is the scheme).
-    seen: (N,) bool, cold start: only these items' embeddings train the RQ-VAE and only they are
-    numbered by the collision token; every item gets its codes. also_fit: (M, 768), rqvae only, the
-    items of other datasets (App. E): they train the RQ-VAE beside emb's items but get no codes, so the
-    collision token numbers this dataset's items only. Returns codes (N, L) int64 with the collision
+    seen: (N,) bool, cold start: only these items' embeddings train the RQ-VAE (or RQ-KMeans's
+    centroids) and only they are numbered by the collision token; every item gets its codes.
+    also_fit: (M, 768), rqvae or rqkmeans, the items of other datasets (App. E): they train the
+    quantizer beside emb's items but get no codes, so the collision token numbers this dataset's
+    items only. Returns codes (N, L) int64 with the collision
     token last, extra statistics, and the model (or None)."""
     scheme, model, extra = cfg['ids'], None, {}
     level_sizes(cfg)  # rejects an unknown scheme before any work
-    if seen is not None and scheme == 'rqkmeans':
-        raise data.InputError("cold start is not written for --ids=rqkmeans")
-    if also_fit is not None and scheme != 'rqvae':
-        raise data.InputError("--fit_with works with --ids=rqvae only")
+    if also_fit is not None and scheme not in ('rqvae', 'rqkmeans'):
+        raise data.InputError("--fit_with works with --ids=rqvae or rqkmeans only")
+    fit = emb if seen is None else emb[np.asarray(seen, dtype=bool)]       # never an unseen embedding
+    if also_fit is not None:
+        fit = np.concatenate([fit, also_fit])                              # (N + M, 768)
     if scheme == 'rqvae':
-        fit = emb if seen is None else emb[np.asarray(seen, dtype=bool)]   # never an unseen embedding
-        if also_fit is not None:
-            fit = np.concatenate([fit, also_fit])                          # (N + M, 768)
         model, log = train_rqvae(fit, cfg['n_levels'], cfg['codebook_size'], cfg['latent_dim'], cfg['beta'],
                                  cfg['optimizer'], cfg['lr'], cfg['batch_size'], cfg['n_epochs'],
                                  cfg['kmeans_iters'], cfg['reset_dead_codes'], cfg['seed'], device)
         codes, extra['recon_error'] = rqvae_codes(model, emb, device)
     elif scheme == 'rqkmeans':
         codes, extra['quantization_error'] = rqkmeans_ids(emb, cfg['n_levels'], cfg['codebook_size'],
-                                                          cfg['kmeans_iters'], cfg['seed'], device)
+                                                          cfg['kmeans_iters'], cfg['seed'], device,
+                                                          fit=None if fit is emb else fit)
     elif scheme == 'lsh':
         codes = lsh_ids(emb, cfg['lsh_codes'], cfg['lsh_bits'], cfg['seed'])
     else:

@@ -433,8 +433,37 @@ def test_ids_fitted_with_other_datasets_learn_from_their_items_and_number_only_t
     # only this dataset's items get IDs; the collision token numbers them among themselves
     assert codes.shape == (300, 3)
     assert np.array_equal(codes, rqvae.add_collision_token(codes[:, :2]))
-    with pytest.raises(data.InputError, match="rqvae only"):
+    with pytest.raises(data.InputError, match="rqvae or rqkmeans only"):
         rqvae.make_ids(emb, {**cfg, "ids": "lsh"}, also_fit=others)
+
+
+def test_rqkmeans_centroids_learn_from_the_fit_items_only_and_every_item_takes_its_nearest():
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((400, 16)).astype(np.float32)
+    seen = rng.random(400) > 0.2
+    other = emb.copy()
+    other[~seen] = 10 * rng.standard_normal(((~seen).sum(), 16))              # change only the unseen items
+    cfg = {**rqvae.DEFAULTS, "ids": "rqkmeans", "n_levels": 2, "codebook_size": 8, "kmeans_iters": 3, "seed": 0}
+    # cold start: the seen items get the same codes whatever the unseen ones look like ...
+    codes_a, _, _ = rqvae.make_ids(emb, cfg, seen=seen)
+    codes_b, _, _ = rqvae.make_ids(other, cfg, seen=seen)
+    assert np.array_equal(codes_a[seen], codes_b[seen])
+    assert (codes_a[~seen, :2] != codes_b[~seen, :2]).any()                    # ... the unseen their own
+    # by hand: level 1 is the nearest of the seen items' k-means centroids, level 2 the nearest
+    # of the centroids of their residuals
+    x = torch.as_tensor(other)
+    c1, a1, _ = rqvae.kmeans(x[torch.as_tensor(seen)], 8, 3, seed=0)
+    level1 = rqvae.sq_dist(x, c1).argmin(1)
+    c2, _, _ = rqvae.kmeans(x[torch.as_tensor(seen)] - c1[a1], 8, 3, seed=1)
+    level2 = rqvae.sq_dist(x - c1[level1], c2).argmin(1)
+    assert np.array_equal(codes_b[:, :2], torch.stack([level1, level2], 1).numpy())
+    # App. E: with other datasets' items, the centroids are the union's, only emb's items get IDs
+    others = rng.standard_normal((200, 16)).astype(np.float32)
+    codes, _, _ = rqvae.make_ids(emb, cfg, also_fit=others)
+    union_codes, _, _ = rqvae.make_ids(np.concatenate([emb, others]), cfg)
+    assert codes.shape == (400, 3) and np.array_equal(codes[:, :2], union_codes[:400, :2])
+    assert (rqvae.make_ids(emb, cfg)[0][:, :2] != codes[:, :2]).any()
+    assert np.array_equal(codes, rqvae.add_collision_token(codes[:, :2]))
 
 
 def test_ids_fitted_with_other_datasets_have_their_own_folder():
@@ -446,7 +475,7 @@ def test_ids_fitted_with_other_datasets_have_their_own_folder():
 @pytest.mark.parametrize("flags, expected", [
     (["--fit_with=books"], "unknown dataset books"),
     (["--fit_with=beauty"], "names the dataset itself"),
-    (["--fit_with=toys", "--ids=lsh"], "rqvae only"),
+    (["--fit_with=toys", "--ids=lsh"], "rqvae or rqkmeans only"),
     (["--fit_with=toys", "--cold_start=0.05"], "cannot be combined"),
 ])
 def test_prepare_checks_fit_with_at_the_door(tmp_path, flags, expected):
