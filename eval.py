@@ -11,12 +11,12 @@ categories each kind of user is shown (Table 4), a most-popular baseline, and th
 one run beside the paper's Table 1, or every finished run under out/ (the report).
 
 Drivers after the functions (they load a checkpoint written by tiger.py):
-  python eval.py --ckpt=out/beauty/rqvae/tiger/best.pt [--split=test] [--constrained=False]
+  python eval.py --ckpt=out/beauty/rqkmeans/tiger/best.pt [--split=test] [--constrained=False]
   python eval.py --ckpt=... --demo=3      # 3 users' histories and their top-10 with titles and IDs
   python eval.py --ckpt=... --split=valid --beam_size=80   # the same checkpoint, a wider beam
   python eval.py --temperature=1.5 --beam_size=50          # sampled top-50: diversity (Table 3)
   python eval.py --history=B004756YJA,B004ZT0SSG,17        # recommend for any history (ids or ASINs)
-  python eval.py --ckpt=out/beauty/rqvae-cold0.05/tiger/best.pt --cold_start   # cold start (Fig. 5)
+  python eval.py --ckpt=out/beauty/rqkmeans-cold0.05/tiger/best.pt --cold_start   # cold start (Fig. 5)
   python eval.py --report=out             # every finished run under out/, as Markdown tables
 """
 import json
@@ -49,7 +49,11 @@ def paper_row(name, ids, recipe="default"):
     """The paper's (table, (R@5, N@5, R@10, N@10)) for a dataset, ID scheme and recipe, or (None, None)."""
     if recipe != "default":
         return PAPER_RECIPES.get((name, ids, recipe), (None, None))
-    return ("Table 1", PAPER.get(name)) if ids == "rqvae" else ("Table 2", PAPER_IDS.get((name, ids)))
+    # TIGER's own rows (Table 1) beside runs on Semantic IDs, RQ-VAE or RQ-KMeans (ours, beyond the
+    # paper); Table 2's beside the ID baselines
+    if ids in ("rqvae", "rqkmeans"):
+        return "Table 1", PAPER.get(name)
+    return "Table 2", PAPER_IDS.get((name, ids))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -282,7 +286,7 @@ def report_tables(runs, defaults):
         if paper:
             cells = " | ".join(f"{v:.4f}" for v in paper)
             lines.append(f"| {name} | paper, {table} | | | {cells} | |")
-        if rec == "default" and ids == "rqvae" and len(members) > 1 and name in PAPER_SEEDS:
+        if rec == "default" and ids in ("rqvae", "rqkmeans") and len(members) > 1 and name in PAPER_SEEDS:
             lines.append(f"| {name} | paper, Table 9 | | 3 | {' | '.join(PAPER_SEEDS[name])} | |")
     lines += ["", "| run | test Recall@10 | best step | wall | commit | machine | command |",
               "|---|---|---|---|---|---|---|"]
@@ -300,7 +304,7 @@ def report_tables(runs, defaults):
 # and the Semantic-ID table it was trained on, so it is scored with exactly those IDs, even if
 # prepare.py has rebuilt out/<dataset>/<ids>/ since.
 
-ckpt = "out/beauty/rqvae/tiger/best.pt"  # a checkpoint written by tiger.py
+ckpt = "out/beauty/rqkmeans/tiger/best.pt"  # a checkpoint written by tiger.py (the main job's)
 split = "test"            # valid | test
 constrained = True        # False: unconstrained beam search, and report the invalid-ID rate (Fig. 6)
 demo = 0                  # > 0: print this many users' histories and top-10 instead of the metrics

@@ -1,13 +1,14 @@
 """
 prepare.py -- everything before training: item embeddings -> Semantic IDs -> files tiger.py reads.
 
-    python prepare.py                          # Beauty, RQ-VAE Semantic IDs (the paper's method)
+    python prepare.py                          # Beauty, RQ-KMeans Semantic IDs (the CPU default)
+    python prepare.py --ids=rqvae              # the paper's RQ-VAE Semantic IDs (Sec. 3.1)
     python prepare.py --dataset=toys --ids=lsh # another dataset, a baseline ID scheme of Table 2
     python prepare.py --force                  # rebuild even if the artefacts are up to date
     python prepare.py --cold_start=0.05        # the cold-start experiment's IDs (Sec. 4.3), fitted
-                                               # without 5% of the test targets: out/beauty/rqvae-cold0.05/
-    python prepare.py --fit_with=sports,toys   # App. E (Table 10): the RQ-VAE learns from the items of all
-                                               # three datasets: out/beauty/rqvae-with-sports+toys/
+                                               # without 5% of the test targets: out/beauty/rqkmeans-cold0.05/
+    python prepare.py --fit_with=sports,toys   # App. E (Table 10): the quantizer learns from the items of
+                                               # all three datasets: out/beauty/rqkmeans-with-sports+toys/
 
 It writes into out/<dataset>/<ids>/:
     codes.npy    (n_items, L) int64, row i = the Semantic ID of item id i+1, collision token last

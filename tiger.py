@@ -39,7 +39,8 @@ import eval as evaluation  # eval.py: the metrics ("eval" would shadow the built
 # is the paper's. The model settings among these become the model's own TIGERConfig (chapter 2).
 # Steps count from 0 inside the training loop; "step N" in logs and checkpoints means N steps done.
 dataset = "beauty"        # beauty | sports | toys, or a dataset folder
-ids = "rqvae"             # which Semantic IDs (prepare.py --ids): rqvae | rqkmeans | lsh | random
+ids = "rqkmeans"          # which Semantic IDs (prepare.py --ids): rqkmeans (the CPU default) | rqvae (the
+                          # paper's, Sec. 3.1) | lsh | random (Table 2)
 out_dir = "out"           # the IDs are in out/<dataset>/<ids>/, this run goes to .../<ids>/<run>/
 run = "tiger"             # name of this run's folder (letters, digits, . _ -)
 overwrite = False         # start over in a run folder that holds an earlier run (else: an error)

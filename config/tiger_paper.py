@@ -1,8 +1,10 @@
 # TIGER's sequence-to-sequence model exactly as the paper states it (Sec. 4), for a GPU:
-#   python prepare.py && python tiger.py config/tiger_paper.py
+#   python prepare.py --ids=rqvae && python tiger.py config/tiger_paper.py
+# (or the paper's RQ-VAE recipe too: python prepare.py config/rqvae_paper.py, also for a GPU)
 # 4 + 4 layers, 6 heads of 64, model dimension 128, MLP 1024, dropout 0.1, batch 256,
 # learning rate 0.01 for 10k steps then inverse square root decay, 200k steps, T5X's Adafactor.
-run = "paper"          # its own run folder, beside the CPU default's
+ids = "rqvae"          # the paper's Semantic IDs (Sec. 3.1): python prepare.py config/rqvae_paper.py first
+run = "paper"          # its own run folder
 n_layer = 4
 n_head = 6
 head_dim = 64
