@@ -7,6 +7,7 @@ prepare.py, tiger.py + eval.py, end to end on a slice of Beauty, and what a user
 """
 import copy
 import errno
+import glob
 import itertools
 import json
 import os
@@ -637,6 +638,19 @@ def test_prepare_checks_every_setting_at_the_door(tmp_path, flag, expected):
     with pytest.raises(data.InputError, match=expected):
         prepare.main(flag.split() + [f'--out_dir={tmp_path}'])
     assert not os.path.exists(tmp_path / 'beauty')          # nothing was started
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(os.path.dirname(__file__), "config", "*.py"))),
+                         ids=os.path.basename)
+def test_every_shipped_config_file_loads_and_passes_the_checks(path):
+    if os.path.basename(path).startswith("tiger_"):
+        settings = data.configure(tiger.DEFAULTS, [path])
+        tiger.validate_settings({**settings, "device": "cpu"})
+    else:
+        settings = data.configure(prepare.DEFAULTS, [path])
+        rqvae.check_config(settings, n_items=12101)
+    if "paper" in path:
+        assert settings["ids"] == "rqvae"           # the paper's configs run the paper's Semantic IDs
 
 
 def test_a_dataset_smaller_than_the_codebook_is_one_clear_error(tmp_path):
