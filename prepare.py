@@ -154,8 +154,8 @@ def main(argv):
             print(f"cold start: {len(unseen)} unseen items ({config['cold_start']:g} of the test targets); "
                   f"the IDs are fitted on the other {seen.sum()}")
         if also_fit is not None:
-            print(f"the {config['ids']} quantizer also learns from the {len(also_fit)} items of {config['fit_with']} (App. E); "
-                  f"only {ds.name}'s items get codes")
+            print(f"the {config['ids']} quantizer also learns from the {len(also_fit)} items of "
+                  f"{config['fit_with']} (App. E); only {ds.name}'s items get codes")
         codes, extra, model = rqvae.make_ids(ds.item_emb, want, device, seen, also_fit)
         stats = {**rqvae.all_stats(codes, want, extra, ds.items), 'build_seconds': round(time.time() - t0, 1),
                  'device': device, 'codes_md5': data.md5(codes)}   # ties stats.json to this very codes.npy

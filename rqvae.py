@@ -9,7 +9,8 @@ TIGER's first stage (paper Sec. 3.1, and Sec. 4 "RQ-VAE Implementation Details")
      its loss (reconstruction + codebook + beta * commitment) and training loop
   4. the collision token (Sec. 4): a last code that numbers the items sharing the same codes
   5. the ID schemes the paper compares against (Table 2): LSH Semantic IDs and Random IDs,
-     plus RQ-KMeans (residual k-means, no autoencoder), which several later systems use
+     plus RQ-KMeans (residual k-means, no autoencoder), which several later systems use and which
+     is nanoTIGER's CPU default: its IDs train a better retriever here (README, Table 2)
   6. statistics: codebook usage, perplexity, collisions, and the hierarchy of Fig. 4 as text
 
 Every scheme has the same interface: make_ids(emb, cfg) -> (codes, extra stats, model), where
