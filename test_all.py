@@ -400,12 +400,18 @@ def test_collision_token_numbers_seen_items_as_if_unseen_ones_did_not_exist():
     assert len(np.unique(ids, axis=0)) == 6
 
 
-def test_cold_start_ids_are_fitted_without_the_unseen_embeddings():
+def cold_start_embeddings():
+    """400 random 16-d embeddings, a seen mask (~80 %), and a copy in which only the unseen items moved."""
     rng = np.random.default_rng(0)
     emb = rng.standard_normal((400, 16)).astype(np.float32)
     seen = rng.random(400) > 0.2
     other = emb.copy()
     other[~seen] = 10 * rng.standard_normal(((~seen).sum(), 16))              # change only the unseen items
+    return emb, seen, other
+
+
+def test_cold_start_ids_are_fitted_without_the_unseen_embeddings():
+    emb, seen, other = cold_start_embeddings()
     cfg = {**rqvae.DEFAULTS, "ids": "rqvae", "n_levels": 2, "codebook_size": 8, "latent_dim": 4,
            "batch_size": 128, "n_epochs": 2, "kmeans_iters": 3, "seed": 0}
     codes_a, _, model_a = rqvae.make_ids(emb, cfg, seen=seen)
@@ -439,11 +445,8 @@ def test_ids_fitted_with_other_datasets_learn_from_their_items_and_number_only_t
 
 
 def test_rqkmeans_centroids_learn_from_the_fit_items_only_and_every_item_takes_its_nearest():
-    rng = np.random.default_rng(0)
-    emb = rng.standard_normal((400, 16)).astype(np.float32)
-    seen = rng.random(400) > 0.2
-    other = emb.copy()
-    other[~seen] = 10 * rng.standard_normal(((~seen).sum(), 16))              # change only the unseen items
+    emb, seen, other = cold_start_embeddings()
+    rng = np.random.default_rng(1)
     cfg = {**rqvae.DEFAULTS, "ids": "rqkmeans", "n_levels": 2, "codebook_size": 8, "kmeans_iters": 3, "seed": 0}
     # cold start: the seen items get the same codes whatever the unseen ones look like ...
     codes_a, _, _ = rqvae.make_ids(emb, cfg, seen=seen)
