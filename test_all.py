@@ -239,7 +239,7 @@ def test_check_settings_reads_brackets_as_closed_and_parentheses_as_open():
 
 def test_help_lists_the_settings_and_exits_cleanly():
     out = subprocess.run([sys.executable, "tiger.py", "--help"], cwd=HERE, capture_output=True, text=True)
-    assert out.returncode == 0 and "--lr=0.003" in out.stdout and "--user_dropout=0.5" in out.stdout
+    assert out.returncode == 0 and "--lr=0.003" in out.stdout and "--user_token=False" in out.stdout
 
 
 # ---- artefacts on disk -------------------------------------------------------------------------
@@ -1268,7 +1268,7 @@ def test_cold_start_end_to_end_on_a_beauty_slice(beauty_slice, trained, capsys):
 def test_validating_more_often_trains_the_very_same_model(beauty_slice):
     # a validation pass draws no random number, so how often it runs cannot change the trained weights
     # (the default validates every 3,000 steps on the strength of this)
-    small = ["--item_dropout=0.1", "--user_dropout=0.3"]       # training that does draw random numbers
+    small = ["--item_dropout=0.1", "--user_token=True", "--user_dropout=0.3"]  # training that draws random numbers
     tiger.main(run_args(beauty_slice, "often", steps=30, every=10) + small)
     tiger.main(run_args(beauty_slice, "rarely", steps=30, every=30) + small)
     a, b = (torch.load(os.path.join(run_dir(beauty_slice, r), "ckpt.pt"), weights_only=True)["model"]
@@ -1278,7 +1278,7 @@ def test_validating_more_often_trains_the_very_same_model(beauty_slice):
 
 def test_interrupted_run_resumes_to_the_same_result(beauty_slice, monkeypatch):
     # dropout draws random numbers, so resuming must restore the RNG; the weight average must be restored too
-    small = ["--dropout=0.1", "--ema=0.9", "--item_dropout=0.1", "--user_dropout=0.3"]
+    small = ["--dropout=0.1", "--ema=0.9", "--item_dropout=0.1", "--user_token=True", "--user_dropout=0.3"]
     whole = tiger.main(run_args(beauty_slice, "whole") + small)
     real_save = tiger.save_checkpoint
 
@@ -1315,8 +1315,13 @@ def test_report_sets_every_finished_run_beside_the_paper(tmp_path, capsys):
     out = tmp_path / "out"
     write_run(out / "beauty" / "rqvae" / "tiger", "beauty", 1337, 0.0490)
     write_run(out / "beauty" / "rqvae" / "seed1", "beauty", 1, 0.0500)
-    write_run(out / "beauty" / "rqvae" / "nouser", "beauty", 1337, 0.0400, user_token=False, user_dropout=0.0)
+    write_run(out / "beauty" / "rqvae" / "user", "beauty", 1337, 0.0400, user_token=True)
+    write_run(out / "beauty" / "rqkmeans" / "joint", "beauty", 1337, 0.0450, ids="rqkmeans", fit_with="sports,toys",
+              user_token=True, user_dropout=0.5)
     write_run(out / "toys" / "lsh" / "tiger", "toys", 1337, 0.0300, ids="lsh")
+    write_run(out / "sports" / "rqvae" / "old", "sports", 1337, 0.0240, user_dropout=0.5)
+    old_config = out / "sports" / "rqvae" / "old" / "config.json"           # written before --user_token
+    old_config.write_text(json.dumps({k: v for k, v in json.loads(old_config.read_text()).items() if k != "user_token"}))
     (out / "beauty" / "rqvae").mkdir(exist_ok=True)                          # an ID folder: not a run
     evaluation.main([f"--report={out}"])
     table = capsys.readouterr().out
@@ -1324,8 +1329,11 @@ def test_report_sets_every_finished_run_beside_the_paper(tmp_path, capsys):
     assert "| beauty | rqvae | default | 2 | 0.0248 ± 0.0003 | 0.0124 ± 0.0001 | 0.0495 ± 0.0005 |" in table
     assert "| beauty | paper, Table 1 | | | 0.0454 | 0.0321 | 0.0648 | 0.0384 | |" in table
     assert "| beauty | paper, Table 9 | | 3 | 0.0441 ± 0.0007 |" in table      # beside the seeds' mean
-    assert "| beauty | rqvae | user_dropout=0.0 user_token=False | 1 | 0.0200 |" in table
-    assert "| beauty | paper, Table 8 | | | 0.0446 | 0.0302 | 0.0648 | 0.0367 | |" in table
+    assert "| beauty | rqvae | user_token=True | 1 | 0.0200 |" in table       # Table 8's row with the token
+    assert "| beauty | paper, Table 8 | | | 0.0454 | 0.0321 | 0.0648 | 0.0384 | |" in table
+    assert "| beauty | rqkmeans | fit_with=sports,toys user_dropout=0.5 user_token=True | 1 | 0.0225 |" in table
+    assert "| beauty | paper, Table 10 | | | 0.0435 | 0.0305 | 0.0631 | 0.0368 | |" in table
+    assert "| sports | rqvae | user_dropout=0.5 user_token=True | 1 | 0.0120 |" in table  # read as it trained
     assert "| toys | lsh | default | 1 | 0.0150 |" in table and "| toys | paper, Table 1" not in table
     assert "| toys | paper, Table 2 | | | 0.0412 | 0.0299 | 0.0566 | 0.0349 | |" in table
     assert "| 10.0 min | abc1234 | AMD EPYC, threads: 2 | `python tiger.py` |" in table

@@ -5,3 +5,5 @@
 run = "long"           # its own run folder, beside the main job's
 max_steps = 48000      # the default: 12,000; the cosine schedule stretches over all of them
 eval_every = 6000      # 8 validation passes, as many as the default's 4 cost twice
+user_token = True      # as measured: the user token, hidden in half the training examples (the
+user_dropout = 0.5     # CPU default before the history-only encoder won on validation)

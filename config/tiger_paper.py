@@ -11,6 +11,7 @@ head_dim = 64
 d_model = 128
 d_ff = 1024
 dropout = 0.1
+user_token = True      # the encoder reads the user token first (Sec. 4)
 ema = 0.0              # the paper averages no weights
 item_dropout = 0.0     # nor hides history items
 user_dropout = 0.0     # or the user token
