@@ -1316,6 +1316,7 @@ def test_report_sets_every_finished_run_beside_the_paper(tmp_path, capsys):
     write_run(out / "beauty" / "rqvae" / "tiger", "beauty", 1337, 0.0490)
     write_run(out / "beauty" / "rqvae" / "seed1", "beauty", 1, 0.0500)
     write_run(out / "beauty" / "rqvae" / "user", "beauty", 1337, 0.0400, user_token=True)
+    write_run(out / "beauty" / "rqvae" / "long", "beauty", 1337, 0.0600, user_token=True, max_steps=48000)
     write_run(out / "beauty" / "rqkmeans" / "joint", "beauty", 1337, 0.0450, ids="rqkmeans", fit_with="sports,toys",
               user_token=True, user_dropout=0.5)
     write_run(out / "toys" / "lsh" / "tiger", "toys", 1337, 0.0300, ids="lsh")
@@ -1331,6 +1332,10 @@ def test_report_sets_every_finished_run_beside_the_paper(tmp_path, capsys):
     assert "| beauty | paper, Table 9 | | 3 | 0.0441 ± 0.0007 |" in table      # beside the seeds' mean
     assert "| beauty | rqvae | user_token=True | 1 | 0.0200 |" in table       # Table 8's row with the token
     assert "| beauty | paper, Table 8 | | | 0.0454 | 0.0321 | 0.0648 | 0.0384 | |" in table
+    lines = table.splitlines()       # a recipe the paper did not measure gets no paper row beside it
+    after_long = lines[lines.index("| beauty | rqvae | max_steps=48000 user_token=True | 1 | 0.0300 | 0.0150 | "
+                                   "0.0600 | 0.0200 | 0.0114 |") + 1]
+    assert "paper" not in after_long
     assert "| beauty | rqkmeans | fit_with=sports,toys user_dropout=0.5 user_token=True | 1 | 0.0225 |" in table
     assert "| beauty | paper, Table 10 | | | 0.0435 | 0.0305 | 0.0631 | 0.0368 | |" in table
     assert "| sports | rqvae | user_dropout=0.5 user_token=True | 1 | 0.0120 |" in table  # read as it trained
