@@ -1522,6 +1522,19 @@ def test_a_run_from_before_the_cold_start_option_still_resumes(beauty_slice, tra
     assert tiger.main(run_args(beauty_slice, "before_cold", steps=20) + ["--resume"])["best_step"] == 20
 
 
+def test_a_run_from_before_the_user_token_option_resumes_as_it_trained(beauty_slice, trained):
+    # before --user_token existed every run read the token; a checkpoint without the setting means True
+    old = run_dir(beauty_slice, "before_user")
+    shutil.copytree(trained, old)
+    ckpt = torch.load(os.path.join(old, "ckpt.pt"), weights_only=True)
+    assert ckpt["settings"]["user_token"] is False                # the trained run read the history alone ...
+    del ckpt["settings"]["user_token"]                            # ... but its checkpoint no longer says so
+    ckpt["settings"]["run"] = "before_user"
+    torch.save(ckpt, os.path.join(old, "ckpt.pt"))
+    with pytest.raises(data.InputError, match=r"other settings \(user_token\)"):
+        tiger.main(run_args(beauty_slice, "before_user", steps=20) + ["--resume"])
+
+
 @pytest.mark.parametrize("protocol", [2, pickle.DEFAULT_PROTOCOL])
 def test_a_pickle_that_would_run_code_is_refused_and_not_run(tmp_path, protocol):
     class Exploit:
