@@ -40,6 +40,7 @@ import torch
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 DATASETS = ("beauty", "sports", "toys")
 ID_SCHEMES = ("rqvae", "rqkmeans", "lsh", "random")  # Semantic IDs (Sec. 3.1) and the Table 2 baselines
+LEARNT_IDS = ("rqvae", "rqkmeans")  # the schemes whose codebooks are learnt from the items' embeddings
 MAX_HISTORY = 20        # the paper keeps the last 20 items of a user (Sec. 4, "Sequence to Sequence Model Training")
 N_USER_BUCKETS = 2000   # "we use the Hashing Trick to map the raw user ID to one of the 2K user ID tokens" (Sec. 4)
 

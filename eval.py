@@ -51,7 +51,7 @@ def paper_row(name, ids, recipe="default"):
     """The paper's (table, (R@5, N@5, R@10, N@10)) for a dataset, ID scheme and recipe, or (None, None).
     Runs on Semantic IDs (RQ-VAE, or RQ-KMeans: ours, beyond the paper) sit beside TIGER's own rows
     (Table 1, or the Table 8 / 10 row of a setting they change); the ID baselines beside Table 2's."""
-    if ids not in ("rqvae", "rqkmeans"):
+    if ids not in data.LEARNT_IDS:
         return ("Table 2", PAPER_IDS.get((name, ids))) if recipe == "default" else (None, None)
     if recipe == "default":
         return "Table 1", PAPER.get(name)
@@ -289,7 +289,7 @@ def report_tables(runs, defaults):
         if paper:
             cells = " | ".join(f"{v:.4f}" for v in paper)
             lines.append(f"| {name} | paper, {table} | | | {cells} | |")
-        if rec == "default" and ids in ("rqvae", "rqkmeans") and len(members) > 1 and name in PAPER_SEEDS:
+        if table == "Table 1" and len(members) > 1 and name in PAPER_SEEDS:      # seeds of the default
             lines.append(f"| {name} | paper, Table 9 | | 3 | {' | '.join(PAPER_SEEDS[name])} | |")
     lines += ["", "| run | test Recall@10 | best step | wall | commit | machine | command |",
               "|---|---|---|---|---|---|---|"]

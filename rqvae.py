@@ -86,7 +86,7 @@ def check_config(config, n_items):
     """The settings' ranges, and whether the dataset is big enough for them."""
     data.check_settings(config, RANGES)
     others = data.fit_with_names(config['fit_with'])
-    if others and config['ids'] not in ('rqvae', 'rqkmeans'):
+    if others and config['ids'] not in data.LEARNT_IDS:
         raise data.InputError(f"--fit_with trains the quantizer on more items; it works with --ids=rqvae or "
                               f"rqkmeans only (got --ids={config['ids']})")
     if others and config['cold_start'] > 0:
@@ -95,7 +95,7 @@ def check_config(config, n_items):
     if data.dataset_name(config['dataset']) in others:
         raise data.InputError(f"--fit_with={config['fit_with']} names the dataset itself; list the other "
                               f"datasets only, e.g. --dataset=beauty --fit_with=sports,toys")
-    if config['ids'] in ('rqvae', 'rqkmeans'):
+    if config['ids'] in data.LEARNT_IDS:
         # k-means needs at least one point per codeword: the RQ-VAE initialises its codebooks on
         # one batch, RQ-KMeans clusters all items
         points = min(n_items, config['batch_size']) if config['ids'] == 'rqvae' else n_items
@@ -366,7 +366,7 @@ def rqkmeans_ids(emb, n_levels=3, codebook_size=256, n_iter=20, seed=0, device='
     codes = []
     for d in tqdm(range(n_levels), desc='rqkmeans'):
         c, assign_fit, _ = kmeans(r_fit, codebook_size, n_iter, seed + d)            # c: (K, D)
-        assign = assign_fit if fit is None else sq_dist(r, c).argmin(1)              # (N,)
+        assign = sq_dist(r, c).argmin(1)  # (N,); the same as assign_fit when fit is emb
         r_fit = r_fit - c[assign_fit]
         r = r - c[assign]
         codes.append(assign)
@@ -376,7 +376,7 @@ def rqkmeans_ids(emb, n_levels=3, codebook_size=256, n_iter=20, seed=0, device='
 def level_sizes(cfg):
     """The number of values of each level of the IDs cfg['ids'] makes, collision token last."""
     scheme = cfg['ids']
-    if scheme in ('rqvae', 'rqkmeans'):
+    if scheme in data.LEARNT_IDS:
         sizes = [cfg['codebook_size']] * cfg['n_levels']
     elif scheme == 'lsh':
         sizes = [2 ** cfg['lsh_bits']] * cfg['lsh_codes']
@@ -397,7 +397,7 @@ def make_ids(emb, cfg, device='cpu', seen=None, also_fit=None):
     token last, extra statistics, and the model (or None)."""
     scheme, model, extra = cfg['ids'], None, {}
     level_sizes(cfg)  # rejects an unknown scheme before any work
-    if also_fit is not None and scheme not in ('rqvae', 'rqkmeans'):
+    if also_fit is not None and scheme not in data.LEARNT_IDS:
         raise data.InputError("--fit_with works with --ids=rqvae or rqkmeans only")
     fit = emb if seen is None else emb[np.asarray(seen, dtype=bool)]       # never an unseen embedding
     if also_fit is not None:
@@ -409,8 +409,7 @@ def make_ids(emb, cfg, device='cpu', seen=None, also_fit=None):
         codes, extra['recon_error'] = rqvae_codes(model, emb, device)
     elif scheme == 'rqkmeans':
         codes, extra['quantization_error'] = rqkmeans_ids(emb, cfg['n_levels'], cfg['codebook_size'],
-                                                          cfg['kmeans_iters'], cfg['seed'], device,
-                                                          fit=None if fit is emb else fit)
+                                                          cfg['kmeans_iters'], cfg['seed'], device, fit)
     elif scheme == 'lsh':
         codes = lsh_ids(emb, cfg['lsh_codes'], cfg['lsh_bits'], cfg['seed'])
     else:

@@ -1362,7 +1362,6 @@ def trained(beauty_slice):
 
 
 def test_a_checkpoint_is_scored_with_the_ids_it_was_trained_on(beauty_slice, trained, tmp_path):
-    import shutil
     folder, out = beauty_slice
     shutil.copytree(out, tmp_path / "out")
     best = str(tmp_path / "out" / "beauty1k" / IDS / "trained" / "best.pt")
@@ -1378,7 +1377,6 @@ def test_a_checkpoint_is_scored_with_the_ids_it_was_trained_on(beauty_slice, tra
 
 
 def test_ids_learnt_with_another_dataset_get_their_own_folder_and_a_run_trains_on_them(beauty_slice, tmp_path):
-    import shutil
     folder, out = beauty_slice
     shutil.copytree(out, tmp_path / "out")
     out = str(tmp_path / "out")
