@@ -24,7 +24,6 @@ import data
 import tiger
 
 N_BATCHES = 4 if "--smoke" in sys.argv else 60
-torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 
 # ---- the default run's model, optimizer, weight average and first batches (tiger.train, without the run)
 s = dict(tiger.DEFAULTS)
