@@ -10,6 +10,7 @@ floating-point work of the step's matrix products per example (torch's FlopCount
 the step achieves in them; (3) the rate this core reaches on one large matrix product of the step's
 most common shape alone, the ceiling for (2). --smoke: a few batches, to check the code.
 """
+import contextlib
 import copy
 import os
 import sys
@@ -42,7 +43,7 @@ order = data.epoch_batches(train_ex, s["batch_size"], [s["seed"], 0], s["by_leng
 batches = [data.make_batch(train_ex, idx, tokenizer, user_tok) for idx in order]
 print(f"{len(batches)} batches of {s['batch_size']}; mean padded encoder length "
       f"{np.mean([b['enc'].shape[1] for b in batches]):.1f} tokens; {torch.get_num_threads()} thread(s); "
-      f"{'float32' if autocast is tiger.contextlib.nullcontext else 'bf16 autocast'}")
+      f"{'float32' if autocast is contextlib.nullcontext else 'bf16 autocast'}")
 
 
 def step(i, batch, clock):
@@ -67,13 +68,14 @@ def step(i, batch, clock):
 phases = {}
 for timed in (False, True):
     for i, batch in enumerate(batches):
-        last = [time.perf_counter()]
+        last = time.perf_counter()
 
-        def clock(name):
+        def clock(name):  # the phase `name` ends now
+            global last
             now = time.perf_counter()
             if timed:
-                phases[name] = phases.get(name, 0.0) + now - last[0]
-            last[0] = now
+                phases[name] = phases.get(name, 0.0) + now - last
+            last = now
         step(i, batch, clock)
 wall = sum(phases.values())
 print(f"training: {len(batches) * s['batch_size'] / wall:,.0f} examples/s; per step: " + ", ".join(
