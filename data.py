@@ -1,16 +1,17 @@
 """
 data.py -- the data chapter of nanoTIGER.
 
-From the shipped files in data/<name>/ to tensors a sequence-to-sequence model can eat:
-
-  1. load and validate the files (sequences.txt, items.jsonl, item_emb.npy)
-  2. the leave-one-out split of the paper (App. C)
+Part I, from the shipped files in data/<name>/ to tensors a sequence-to-sequence model can eat:
+  1. the dataset: users' item sequences, item texts and their content embeddings
+  2. the leave-one-out split of the paper (App. C), and the cold-start split (Sec. 4.3)
   3. the user token: the raw user id hashed into 2,000 buckets (Sec. 4)
   4. the token layout: Semantic-ID codes, user tokens and special tokens in one vocabulary
   5. batching: pad each batch to its own longest history, seeded shuffle
-  6. artefacts on disk, shared by every stage: atomic writes, a lock per output folder, and the
-     reader of the Semantic-ID table that prepare.py writes (checked as strictly as it was written)
-  7. config from the command line: every script's settings are plain globals, overridden by a
+Part II, the workshop every script shares:
+  6. the files read and checked at the door (InputError: one line, never a traceback)
+  7. artefacts on disk: atomic writes, a lock per output folder, provenance, and the reader of
+     the Semantic-ID table that prepare.py writes (checked as strictly as it was written)
+  8. config from the command line: every script's settings are plain globals, overridden by a
      config file and --name=value flags
 
 `python data.py` prints the statistics of the three datasets (they equal the paper's Table 6).
@@ -39,21 +40,18 @@ import torch
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 DATASETS = ("beauty", "sports", "toys")
-ID_SCHEMES = ("rqvae", "rqkmeans", "lsh", "random")  # Semantic IDs (Sec. 3.1) and the Table 2 baselines
-LEARNT_IDS = ("rqvae", "rqkmeans")  # the schemes whose codebooks are learnt from the items' embeddings
-MAX_HISTORY = 20        # the paper keeps the last 20 items of a user (Sec. 4, "Sequence to Sequence Model Training")
-N_USER_BUCKETS = 2000   # "we use the Hashing Trick to map the raw user ID to one of the 2K user ID tokens" (Sec. 4)
+ID_SCHEMES = ("rqvae", "rqkmeans", "lsh", "random")  # Semantic IDs (Sec. 3.1), Table 2 baselines
+LEARNT_IDS = ("rqvae", "rqkmeans")  # the schemes whose codebooks are learnt from item embeddings
+MAX_HISTORY = 20        # the paper keeps the last 20 items of a user (Sec. 4, "Sequence to
+                        # Sequence Model Training")
+N_USER_BUCKETS = 2000   # "we use the Hashing Trick to map the raw user ID to one of the 2K user
+                        # ID tokens" (Sec. 4)
 
-
-class InputError(Exception):
-    """Bad input from the user: a file, a flag, a config value, a stale artefact.
-
-    Raised at the door with a message that says what is wrong and how to fix it. Every script
-    catches it in its `__main__` block and prints `error: ...` instead of a traceback."""
-
+# ==============================================================================================
+# Part I. From the shipped files to batches of tokens.
 
 # ----------------------------------------------------------------------------------------------
-# 1. Loading, with validation at the door
+# 1. The dataset. The files are read and checked in Part II (chapter 6).
 
 @dataclass
 class Dataset:
@@ -62,6 +60,7 @@ class Dataset:
     sequences: list          # one np.int64 array of item ids (1..n_items) per user, in time order
     items: list              # items[i] is the dict of item id i+1 from items.jsonl
     item_emb: np.ndarray     # (n_items, 768) float32, row i is item id i+1
+    folder: str = ""         # where it was read from
 
     @property
     def n_items(self):
@@ -92,80 +91,19 @@ def load_dataset(name_or_dir):
     folder = name_or_dir if os.path.isdir(name_or_dir) else os.path.join(DATA_DIR, name_or_dir)
     if not os.path.isdir(folder):
         raise InputError(f"no dataset '{name_or_dir}': expected one of {', '.join(DATASETS)} "
-                         f"(folders under {DATA_DIR}) or a folder holding sequences.txt, items.jsonl, item_emb.npy")
+                         f"(folders under {DATA_DIR}) or a folder holding sequences.txt, "
+                         f"items.jsonl, item_emb.npy")
     paths = {f: os.path.join(folder, f) for f in ("sequences.txt", "items.jsonl", "item_emb.npy")}
     for f, p in paths.items():
         if not os.path.isfile(p):
-            raise InputError(f"{p}: file missing. A dataset folder needs sequences.txt, items.jsonl and "
-                             f"item_emb.npy; restore it from the repository (git checkout -- data/)")
+            raise InputError(f"{p}: file missing. A dataset folder needs sequences.txt, "
+                             f"items.jsonl and item_emb.npy; restore it from the repository "
+                             f"(git checkout -- data/)")
     items = _load_items(paths["items.jsonl"])
     item_emb = _load_embeddings(paths["item_emb.npy"], len(items))
     users, sequences = _load_sequences(paths["sequences.txt"], len(items))
-    return Dataset(dataset_name(folder), users, sequences, items, item_emb)
-
-
-def _load_items(path):
-    # one JSON object a line, in id order: {"item": 1, "asin": ..., "title": ..., "text": ...}
-    items = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}, line {lineno}: not valid JSON ({e.msg}); "
-                                 f"each line must be one JSON object like {{\"item\": {lineno}, \"title\": ...}}")
-            if not isinstance(item, dict) or item.get("item") != lineno:
-                raise InputError(f"{path}, line {lineno}: expected an object with \"item\": {lineno} "
-                                 f"(items are listed in id order, ids from 1)")
-            items.append(item)
-    if not items:
-        raise InputError(f"{path}: no items; the file is empty")
-    return items
-
-
-def _load_embeddings(path, n_items):
-    try:
-        emb = np.load(path, allow_pickle=False)  # never unpickle data files
-    except Exception as e:
-        raise InputError(f"{path}: cannot be read as a .npy array ({e}); restore it from the repository")
-    if emb.ndim != 2 or emb.shape[0] != n_items:
-        raise InputError(f"{path}: shape {emb.shape}, but items.jsonl lists {n_items} items; the embedding "
-                         f"matrix needs one row per item, (n_items, dim), row i for item id i+1")
-    emb = emb.astype(np.float32)   # shipped as float16 to halve the repo size
-    bad = ~np.isfinite(emb).all(axis=1)
-    if bad.any():
-        rows = np.flatnonzero(bad)
-        raise InputError(f"{path}: {len(rows)} row(s) hold NaN or inf, first at row {rows[0]} (item id "
-                         f"{rows[0] + 1}); re-embed those items or restore the file from the repository")
-    return emb
-
-
-def _load_sequences(path, n_items):
-    # one user a line: "user item1 item2 ...", items in time order, ids from 1
-    users, sequences = [], []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            fields = line.split()
-            if not fields:
-                continue  # tolerate blank lines (e.g. a trailing newline)
-            try:
-                seq = np.array([int(x) for x in fields[1:]], dtype=np.int64)
-            except ValueError:
-                raise InputError(f"{path}, line {lineno}: '{line.strip()[:60]}' is malformed; each line must be "
-                                 f"a user id followed by integer item ids separated by spaces")
-            if len(seq) < 3:
-                raise InputError(f"{path}, line {lineno}: user {fields[0]} has {len(seq)} item(s), but the "
-                                 f"leave-one-out split needs at least 3 (train, validation, test); drop the user "
-                                 f"or use the 5-core data shipped in the repository")
-            if seq.min() < 1 or seq.max() > n_items:
-                bad = seq[(seq < 1) | (seq > n_items)][0]
-                raise InputError(f"{path}, line {lineno}: item id {bad} is out of range; ids run from 1 to "
-                                 f"{n_items} (the number of lines in items.jsonl)")
-            users.append(fields[0])
-            sequences.append(seq)
-    if not sequences:
-        raise InputError(f"{path}: no users; the file is empty")
-    return users, sequences
+    return Dataset(dataset_name(folder), users, sequences, items, item_emb,
+                   os.path.abspath(folder))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,7 +120,8 @@ class Examples:
     length: np.ndarray    # (N,) number of real items in each history (1..MAX_HISTORY)
     target: np.ndarray    # (N,) the item to predict
     position: np.ndarray  # (N,) index of the target in the user's sequence (for leakage checks;
-                          # in training examples of a cold-start split: in the sequence without unseen items)
+                          # in training examples of a cold-start split: in the sequence without
+                          # unseen items)
 
     def __len__(self):
         return len(self.target)
@@ -216,7 +155,7 @@ def split(dataset, unseen=()):
     for u, seq in enumerate(dataset.sequences):
         n = len(seq)
         part = training_part(seq, unseen)
-        train += [(u, part, t) for t in range(1, len(part))]  # targets 1..n-3 (without unseen items)
+        train += [(u, part, t) for t in range(1, len(part))]  # targets 1..n-3 (no unseen items)
         valid.append((u, seq, n - 2))
         test.append((u, seq, n - 1))
     return _make_examples(train), _make_examples(valid), _make_examples(test)
@@ -246,7 +185,7 @@ def unseen_items(dataset, share):
 
 
 def seen_items(dataset, unseen):
-    """The complement: (n_items,) bool, True for the items training may see (row i is item id i+1)."""
+    """The complement: (n_items,) bool, True for items training may see (row i is item id i+1)."""
     return ~np.isin(np.arange(1, dataset.n_items + 1), unseen)
 
 
@@ -274,7 +213,7 @@ def user_bucket(user_id, n_buckets=N_USER_BUCKETS):
 # "code 7 at level 1" are different words, as in the paper (1024 code tokens for 4 levels x 256).
 # Level l has as many tokens as its largest code + 1 (the collision level is usually small).
 #
-#   encoder input:  [user, item_1 codes..., item_n codes...]  (1 + L*n tokens, right-padded with PAD)
+#   encoder input:  [user, item_1 codes..., item_n codes...] (1 + L*n tokens, right-padded with PAD)
 #   decoder input:  [BOS, c_0, ..., c_{L-2}]   teacher forcing
 #   decoder target: [c_0, c_1, ..., c_{L-1}]   cross-entropy on all L codes of the next item
 
@@ -286,17 +225,19 @@ class Tokenizer:
         # codes: (n_items, L) integer Semantic IDs, row i for item id i+1 (written by prepare.py)
         codes = np.asarray(codes)
         if codes.ndim != 2 or codes.min() < 0:
-            raise InputError(f"Semantic-ID table must be (n_items, L) non-negative ints, got shape {codes.shape}")
-        self.id_length = codes.shape[1]                                          # L
-        self.level_sizes = (codes.max(axis=0) + 1).tolist()                      # tokens per level
+            raise InputError(f"Semantic-ID table must be (n_items, L) non-negative ints, got "
+                             f"shape {codes.shape}")
+        self.id_length = codes.shape[1]                               # L
+        self.level_sizes = (codes.max(axis=0) + 1).tolist()           # tokens per level
         self.level_offset = (2 + np.concatenate([[0], np.cumsum(self.level_sizes)[:-1]])).tolist()
-        self.levels = list(zip(self.level_offset, self.level_sizes))             # [(first token, size)]
+        self.levels = list(zip(self.level_offset, self.level_sizes))  # [(first token, size)]
         self.user_offset = 2 + sum(self.level_sizes)
         self.vocab_size = self.user_offset + n_user_buckets
         self.n_user_buckets = n_user_buckets
         # item_tokens[i] = the L tokens of item id i; row 0 (the padding item) is all PAD
         tokens = codes + np.asarray(self.level_offset)
-        self.item_tokens = torch.from_numpy(np.concatenate([np.zeros((1, self.id_length), np.int64), tokens]))
+        pad_row = np.zeros((1, self.id_length), np.int64)
+        self.item_tokens = torch.from_numpy(np.concatenate([pad_row, tokens]))
         self.codes = codes
 
     def user_tokens(self, users):
@@ -316,7 +257,7 @@ def make_batch(examples, idx, tokenizer, user_tok):
     idx = np.asarray(idx)
     n = int(examples.length[idx].max())
     hist = torch.from_numpy(examples.history[idx, :n])                  # (B, n) item ids, 0 = pad
-    enc = tokenizer.item_tokens[hist].flatten(1)                        # (B, n*L); pad items -> PAD tokens
+    enc = tokenizer.item_tokens[hist].flatten(1)                        # (B, n*L); pad items -> PAD
     if user_tok is not None:
         user = user_tok[torch.from_numpy(examples.user[idx])].unsqueeze(1)  # (B, 1)
         enc = torch.cat([user, enc], dim=1)
@@ -330,9 +271,9 @@ def epoch_batches(examples, batch_size, seed, by_length=False, pool=64):
     """The batches of one training epoch as arrays of example positions, a seeded shuffle.
 
     by_length (a speed option, not in the paper): shuffle, then within each pool of `pool` batches
-    sort by history length before cutting, and shuffle the batches. Each batch then holds histories of
-    similar length, so padding to the batch's longest history wastes little (test_all.py pins how
-    little). Batches stay random in content and order."""
+    sort by history length before cutting, and shuffle the batches. Each batch then holds histories
+    of similar length, so padding to the batch's longest history wastes little (test_all.py pins
+    how little). Batches stay random in content and order."""
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(examples))
     if by_length:
@@ -345,8 +286,103 @@ def epoch_batches(examples, batch_size, seed, by_length=False, pool=64):
     return batches
 
 
+# ==============================================================================================
+# Part II. The workshop: files checked at the door, artefacts on disk, config.
+
 # ----------------------------------------------------------------------------------------------
-# 6. Artefacts on disk. Every stage writes through these, so every stage gets the same guarantees:
+# 6. The shipped files, read and checked at the door: a bad file is one line saying what is wrong
+# and how to fix it, never a traceback from deep inside or a silently wrong run.
+
+class InputError(Exception):
+    """Bad input from the user: a file, a flag, a config value, a stale artefact.
+
+    Raised at the door with a message that says what is wrong and how to fix it. Every script
+    catches it in its `__main__` block and prints `error: ...` instead of a traceback."""
+
+
+def _text_lines(path):
+    """The lines of a UTF-8 text file, numbered from 1."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return list(enumerate(f.read().splitlines(), 1))
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); restore it from "
+                         f"the repository (git checkout -- data/)") from None
+    except OSError as e:
+        raise InputError(f"{path}: cannot be read ({e.strerror or e})") from None
+
+
+def _load_items(path):
+    # one JSON object a line, in id order: {"item": 1, "asin": ..., "title": ..., "text": ...}
+    items = []
+    for lineno, line in _text_lines(path):
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}, line {lineno}: not valid JSON ({e.msg}); each line "
+                             f"must be one JSON object like "
+                             f"{{\"item\": {lineno}, \"title\": ...}}") from None
+        if not isinstance(item, dict) or item.get("item") != lineno:
+            raise InputError(f"{path}, line {lineno}: expected an object with \"item\": {lineno} "
+                             f"(items are listed in id order, ids from 1)")
+        items.append(item)
+    if not items:
+        raise InputError(f"{path}: no items; the file is empty")
+    return items
+
+
+def _load_embeddings(path, n_items):
+    try:
+        emb = np.load(path, allow_pickle=False)  # never unpickle data files
+    except Exception as e:
+        raise InputError(f"{path}: cannot be read as a .npy array ({e}); restore it from the "
+                         f"repository") from None
+    if emb.ndim != 2 or emb.shape[0] != n_items:
+        raise InputError(f"{path}: shape {emb.shape}, but items.jsonl lists {n_items} items; the "
+                         f"embedding matrix needs one row per item, (n_items, dim), row i for item "
+                         f"id i+1")
+    emb = emb.astype(np.float32)   # shipped as float16 to halve the repo size
+    bad = ~np.isfinite(emb).all(axis=1)
+    if bad.any():
+        rows = np.flatnonzero(bad)
+        raise InputError(f"{path}: {len(rows)} row(s) hold NaN or inf, first at row {rows[0]} "
+                         f"(item id {rows[0] + 1}); re-embed those items or restore the file")
+    return emb
+
+
+def _load_sequences(path, n_items):
+    # one user a line: "user item1 item2 ...", items in time order, ids from 1
+    users, sequences, line_of = [], [], {}
+    for lineno, line in _text_lines(path):
+        fields = line.split()
+        if not fields:
+            continue  # tolerate blank lines (e.g. a trailing newline)
+        where = f"{path}, line {lineno}"
+        if not all(x.isascii() and x.isdigit() for x in fields[1:]):
+            raise InputError(f"{where}: '{line.strip()[:60]}' is malformed; each line must be a "
+                             f"user id followed by integer item ids separated by spaces")
+        bad = [x for x in fields[1:] if not 1 <= int(x) <= n_items]
+        if bad:
+            raise InputError(f"{where}: item id {bad[0][:20]} is out of range; ids run from 1 to "
+                             f"{n_items} (the number of lines in items.jsonl)")
+        if len(fields) - 1 < 3:
+            raise InputError(f"{where}: user {fields[0]} has {len(fields) - 1} item(s), but the "
+                             f"leave-one-out split needs at least 3 (train, validation, test); "
+                             f"drop the user or use the 5-core data shipped in the repository")
+        if fields[0] in line_of:
+            raise InputError(f"{where}: user {fields[0]} again (first on line "
+                             f"{line_of[fields[0]]}); each user has one line, the whole "
+                             f"sequence in time order")
+        line_of[fields[0]] = lineno
+        users.append(fields[0])
+        sequences.append(np.array([int(x) for x in fields[1:]], dtype=np.int64))
+    if not sequences:
+        raise InputError(f"{path}: no users; the file is empty")
+    return users, sequences
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. Artefacts on disk. Every stage writes through these, so every stage gets the same guarantees:
 # a file appears under its real name only when complete (a temporary file in the same folder, then
 # an atomic rename), a failed write is one clear error and leaves nothing behind, and one process at
 # a time writes into an output folder (an operating-system lock on folder/.lock).
@@ -369,7 +405,8 @@ def make_dirs(folder):
 def write_atomic(path, write):
     """write(f) fills an open binary file; it appears under path only once complete."""
     try:
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=TMP_PREFIX + os.path.basename(path))
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".",
+                                   prefix=TMP_PREFIX + os.path.basename(path))
     except OSError as e:
         raise InputError(f"cannot write {path}: {e.strerror or e}") from None
     try:
@@ -411,8 +448,8 @@ def folder_lock(folder):
     except OSError:
         holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
         os.close(fd)
-        raise InputError(f"{folder} is in use by another running process (pid {holder}); wait for it to "
-                         f"finish, or write elsewhere (another --run or --out_dir)") from None
+        raise InputError(f"{folder} is in use by another running process (pid {holder}); wait for "
+                         f"it to finish, or write elsewhere (another --run or --out_dir)") from None
     os.ftruncate(fd, 0)
     os.write(fd, str(os.getpid()).encode())  # for the message above; the lock itself is the flock
     for name in os.listdir(folder):          # leftovers of a writer that was killed mid-write
@@ -422,7 +459,12 @@ def folder_lock(folder):
     try:
         yield
     finally:
-        os.close(fd)  # releases the lock; the file stays (removing it would race with a waiting opener)
+        os.close(fd)  # releases the lock
+        # nothing was written (a start that failed at the door): leave no empty folder behind
+        if os.listdir(folder) == [".lock"]:
+            with contextlib.suppress(OSError):
+                os.remove(path)
+                os.rmdir(folder)
 
 
 def provenance(script, argv, device="cpu"):
@@ -430,7 +472,8 @@ def provenance(script, argv, device="cpu"):
     when the working tree differs from it), the machine and the thread count."""
     here = os.path.dirname(os.path.abspath(__file__))
     try:
-        git = lambda *a: subprocess.run(["git", *a], cwd=here, capture_output=True, text=True, timeout=10).stdout
+        git = lambda *a: subprocess.run(["git", *a], cwd=here, capture_output=True, text=True,
+                                        timeout=10).stdout
         commit = git("rev-parse", "--short", "HEAD").strip() or "unknown"
         if git("status", "--porcelain", "--untracked-files=no").strip():
             commit += "+changes"
@@ -439,7 +482,8 @@ def provenance(script, argv, device="cpu"):
     machine = platform.machine()
     with contextlib.suppress(OSError):
         with open("/proc/cpuinfo", encoding="utf-8") as f:  # Linux: the CPU's name
-            machine = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), machine)
+            machine = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")),
+                           machine)
     if device == "cuda":
         machine = torch.cuda.get_device_name(0)
     return {"command": " ".join(["python", script, *argv]), "commit": commit, "device": device,
@@ -448,13 +492,13 @@ def provenance(script, argv, device="cpu"):
 
 
 def fit_with_names(fit_with):
-    """The --fit_with setting ('sports,toys': other datasets whose items also train the RQ-VAE, App. E)
-    as a sorted tuple of names, so 'toys,sports' is the same build; () for ''."""
+    """The --fit_with setting ('sports,toys': other datasets whose items also train the RQ-VAE,
+    App. E) as a sorted tuple of names, so 'toys,sports' is the same build; () for ''."""
     names = sorted({n.strip() for n in fit_with.split(",") if n.strip()})
     unknown = [n for n in names if n not in DATASETS]
     if unknown:
-        raise InputError(f"--fit_with={fit_with}: unknown dataset {', '.join(unknown)}; use names from "
-                         f"{', '.join(DATASETS)}, separated by commas")
+        raise InputError(f"--fit_with={fit_with}: unknown dataset {', '.join(unknown)}; use names "
+                         f"from {', '.join(DATASETS)}, separated by commas")
     return tuple(names)
 
 
@@ -465,13 +509,14 @@ def fit_with_embeddings(fit_with):
 
 
 def ids_folder(out_dir, name, ids, cold_start=0.0, fit_with=""):
-    """Where prepare.py writes a build: out/<dataset>/<ids>/; out/<dataset>/<ids>-cold<share>/ for the
-    cold-start experiment's IDs (built without the unseen items), out/<dataset>/<ids>-with-<others>/
-    for IDs learnt together with other datasets' items (--fit_with), so neither ever replaces the
-    main build. Runs go into a folder under it."""
+    """Where prepare.py writes a build: out/<dataset>/<ids>/; out/<dataset>/<ids>-cold<share>/ for
+    the cold-start experiment's IDs (built without the unseen items; the share written exactly, so
+    0.05 and 0.05000001 never share a folder), out/<dataset>/<ids>-with-<others>/ for IDs learnt
+    together with other datasets' items (--fit_with), so neither ever replaces the main build.
+    Runs go into a folder under it."""
     others = fit_with_names(fit_with)
     if cold_start > 0:
-        ids = f"{ids}-cold{cold_start:g}"
+        ids = f"{ids}-cold{float(cold_start)!r}"
     if others:
         ids = f"{ids}-with-{'+'.join(others)}"
     return os.path.join(out_dir, name, ids)
@@ -481,61 +526,75 @@ def load_codes(ds, ids="rqvae", out_dir="out", dataset=None, cold_start=0.0, fit
     """The (n_items, L) int64 Semantic-ID table that prepare.py wrote for dataset ds and scheme ids
     (and cold-start share, and --fit_with datasets), checked as strictly as prepare.py checks it
     before reusing it: finished build, right scheme, dataset and variant, built from these very
-    embeddings, the table prepare.py wrote (checksum), one distinct in-range ID per item. dataset:
-    the name or folder the user gave, for the suggested fix command."""
+    embeddings (and the --fit_with datasets' as they are now), the table prepare.py wrote
+    (checksum), one distinct in-range ID per item. dataset: the name or folder the user gave, for
+    the suggested fix command."""
     folder = ids_folder(out_dir, ds.name, ids, cold_start, fit_with)
     others = ",".join(fit_with_names(fit_with))
     fix = (f"python prepare.py --dataset={dataset or ds.name} --ids={ids}"
-           + (f" --cold_start={cold_start:g}" if cold_start > 0 else "")
+           + (f" --cold_start={float(cold_start)!r}" if cold_start > 0 else "")
            + (f" --fit_with={others}" if others else "")
            + (f" --out_dir={out_dir}" if os.path.normpath(out_dir) != "out" else ""))
-    paths = {f: os.path.join(folder, f) for f in ("codes.npy", "config.json", "stats.json")}
-    for p in paths.values():
-        if not os.path.isfile(p):
-            raise InputError(f"{p} is missing (the Semantic IDs are not built, or the build did not "
-                             f"finish); run `{fix}`")
-    try:
-        cfg = {}
-        for f in ("config.json", "stats.json"):
-            with open(paths[f], encoding="utf-8") as fh:
-                cfg[f] = json.load(fh)
-        built, stats = cfg["config.json"], cfg["stats.json"]
-        sizes = [int(n) for n in built["level_sizes"]]
-        want_md5, emb_md5 = stats["codes_md5"], built["item_emb_md5"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise InputError(f"{folder}: config.json or stats.json is unreadable or from an older prepare.py "
-                         f"({type(e).__name__}: {e}); run `{fix} --force`") from None
-    try:
-        codes = np.load(paths["codes.npy"], allow_pickle=False)  # never unpickle
-    except Exception as e:
-        raise InputError(f"{paths['codes.npy']} cannot be read ({e}); run `{fix} --force`") from None
-    problem = None
-    if ((built.get("ids"), built.get("dataset"), built.get("cold_start", 0.0), built.get("fit_with", ""))
-            != (ids, ds.name, cold_start, others)):
-        problem = (f"the folder holds {built.get('ids')} IDs of {built.get('dataset')}, cold-start share "
-                   f"{built.get('cold_start', 0.0)}, fitted with '{built.get('fit_with', '')}' (config.json)")
-    elif emb_md5 != md5(ds.item_emb):
-        problem = (f"these IDs were built from other item embeddings than {ds.name}'s (its item_emb.npy "
-                   f"changed, or another dataset folder named '{ds.name}' wrote them)")
+    built, stats, codes = _read_build(folder, fix)
+    wanted = (ids, ds.name, cold_start, others)
+    have = (built.get("ids"), built.get("dataset"), built.get("cold_start", 0.0),
+            built.get("fit_with", ""))
+    sizes = [int(n) for n in built["level_sizes"]]
+    if have != wanted:
+        problem = (f"the folder holds {have[0]} IDs of {have[1]}, cold-start share {have[2]}, "
+                   f"fitted with '{have[3]}' (config.json)")
+    elif built["item_emb_md5"] != md5(ds.item_emb):
+        problem = (f"these IDs were built from other item embeddings than {ds.name}'s (its "
+                   f"item_emb.npy changed, or another dataset folder named '{ds.name}' wrote them)")
+    elif others and built.get("fit_with_md5") != md5(fit_with_embeddings(others)):
+        problem = f"the item embeddings of {others} changed since these IDs were learnt on them"
     elif codes.dtype != np.int64 or codes.ndim != 2:
         problem = f"expected a 2-d int64 array, got {codes.ndim}-d {codes.dtype}"
     elif codes.shape != (ds.n_items, len(sizes)):
-        problem = f"shape {codes.shape}, expected ({ds.n_items}, {len(sizes)}) for {ds.n_items} items"
-    elif md5(codes) != want_md5:
+        problem = (f"shape {codes.shape}, expected ({ds.n_items}, {len(sizes)}) "
+                   f"for {ds.n_items} items")
+    elif md5(codes) != stats["codes_md5"]:
         problem = "it is not the table this build wrote (its checksum differs from stats.json)"
     elif (codes < 0).any() or (codes >= np.array(sizes)).any():
         problem = f"codes out of range; level sizes are {sizes}"
     elif len(np.unique(codes, axis=0)) != ds.n_items:
-        problem = f"{ds.n_items - len(np.unique(codes, axis=0))} duplicate IDs; every item needs its own"
-    if problem:
-        raise InputError(f"{paths['codes.npy']}: {problem}; run `{fix} --force`")
-    return codes
+        problem = (f"{ds.n_items - len(np.unique(codes, axis=0))} duplicate IDs; every item "
+                   f"needs its own")
+    else:
+        return codes
+    raise InputError(f"{os.path.join(folder, 'codes.npy')}: {problem}; run `{fix} --force`")
+
+
+def _read_build(folder, fix):
+    """A build's config.json, stats.json and codes.npy, each readable, or one error saying which."""
+    paths = {f: os.path.join(folder, f) for f in ("codes.npy", "config.json", "stats.json")}
+    for p in paths.values():
+        if not os.path.isfile(p):
+            raise InputError(f"{p} is missing (the Semantic IDs are not built, or the build did "
+                             f"not finish); run `{fix}`")
+    try:
+        loaded = {}
+        for f in ("config.json", "stats.json"):
+            with open(paths[f], encoding="utf-8") as fh:
+                loaded[f] = json.load(fh)
+        built, stats = loaded["config.json"], loaded["stats.json"]
+        [int(n) for n in built["level_sizes"]], built["item_emb_md5"], stats["codes_md5"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise InputError(f"{folder}: config.json or stats.json is unreadable or from an older "
+                         f"prepare.py ({type(e).__name__}: {e}); run `{fix} --force`") from None
+    try:
+        codes = np.load(paths["codes.npy"], allow_pickle=False)  # never unpickle
+    except Exception as e:
+        raise InputError(f"{paths['codes.npy']} cannot be read ({e}); "
+                         f"run `{fix} --force`") from None
+    return built, stats, codes
 
 
 # ----------------------------------------------------------------------------------------------
-# 7. Config from the command line, the nanoGPT way without exec: every script keeps its settings as
-# plain globals; a config file (Python-looking lines `name = literal`, read with ast, never executed)
-# and then `--name=value` flags override them. Unknown names and values of the wrong type are errors.
+# 8. Config from the command line, the nanoGPT way without exec: every script keeps its settings as
+# plain globals; a config file (Python-looking lines `name = literal`, read with ast, never
+# executed) and then `--name=value` flags override them. Unknown names and values of the wrong
+# type are errors.
 
 def settings(namespace):
     """A script's settings: its lower-case globals that hold a number, a string or a bool. Call it
@@ -564,29 +623,17 @@ def check_settings(config, rules, what="config"):
                 problems.append(f"{key} must be one of {', '.join(rule)} (got {value!r})")
             continue
         lo, hi = (float(x) for x in rule[1:-1].split(","))
-        if not ((lo <= value if rule[0] == "[" else lo < value) and (value <= hi if rule[-1] == "]" else value < hi)):
+        if not ((lo <= value if rule[0] == "[" else lo < value)
+                and (value <= hi if rule[-1] == "]" else value < hi)):
             problems.append(f"{key} must be in {rule} (got {value})")
     if problems:
         raise InputError(f"bad {what}: " + "; ".join(problems))
 
 
 def configure(defaults, argv):
+    """The settings of a run: defaults, overridden by each argument in turn, a config file (a path)
+    or a --name=value flag; --help lists them and exits."""
     config = dict(defaults)
-
-    def assign(key, value, where, text=None):
-        if key not in config:
-            raise InputError(f"{where}: unknown setting '{key}'; known settings: {', '.join(sorted(config))}")
-        old = config[key]
-        if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if isinstance(old, str) and not isinstance(value, str) and text is not None:
-            value = text  # a string setting takes the text as written: --run=2024 is the name "2024"
-        if type(value) is not type(old):
-            raise InputError(f"{where}: '{key}' must be a {type(old).__name__} (default {old!r}), got {value!r}")
-        if isinstance(value, float) and not math.isfinite(value):
-            raise InputError(f"{where}: '{key}' must be a finite number, got {value!r}")
-        config[key] = value
-
     for arg in argv:
         if arg in ("-h", "--help"):
             print("settings (default values); override them with a config file and --name=value:")
@@ -596,51 +643,77 @@ def configure(defaults, argv):
         if arg.startswith("--"):
             key, eq, text = arg[2:].partition("=")
             if not eq:
-                if isinstance(config.get(key), bool):
-                    text = "True"  # a bare --flag switches a boolean on
-                else:
+                if not isinstance(config.get(key), bool):
                     raise InputError(f"{arg}: write settings as --{key}=value")
+                text = "True"  # a bare --flag switches a boolean on
             try:
                 value = ast.literal_eval(text)
             except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
                 value = text  # a bare word is a string: --dataset=toys
-            assign(key, value, arg, text)
-            continue
-        if not os.path.isfile(arg):
-            raise InputError(f"config file {arg} not found (settings are passed as --name=value)")
-        try:
-            with open(arg, encoding="utf-8") as f:
-                tree = ast.parse(f.read(), arg)
-        except UnicodeDecodeError as e:
-            raise InputError(f"config file {arg} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-        except SyntaxError as e:
-            raise InputError(f"{arg}, line {e.lineno}: not a valid `name = value` line ({e.msg})") from None
-        except (OSError, ValueError) as e:
-            raise InputError(f"config file {arg} cannot be read ({e})") from None
-        for node in tree.body:
-            if not (isinstance(node, ast.Assign) and len(node.targets) == 1
-                    and isinstance(node.targets[0], ast.Name)):
-                raise InputError(f"{arg}, line {node.lineno}: only `name = value` lines are allowed")
-            try:
-                value = ast.literal_eval(node.value)
-            except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
-                raise InputError(f"{arg}, line {node.lineno}: the value must be a literal "
-                                 f"(number, string, bool)") from None
-            assign(node.targets[0].id, value, f"{arg}, line {node.lineno}")
+            _assign(config, key, value, arg, text)
+        else:
+            for key, value, where in _read_config_file(arg):
+                _assign(config, key, value, where)
     return config
+
+
+def _assign(config, key, value, where, text=None):
+    """config[key] = value, if key is a setting and value has the default's type."""
+    if key not in config:
+        raise InputError(f"{where}: unknown setting '{key}'; known settings: "
+                         f"{', '.join(sorted(config))}")
+    old = config[key]
+    if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(old, str) and not isinstance(value, str) and text is not None:
+        value = text  # a string setting takes the text as written: --run=2024 is the name "2024"
+    if type(value) is not type(old):
+        raise InputError(f"{where}: '{key}' must be a {type(old).__name__} (default {old!r}), "
+                         f"got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InputError(f"{where}: '{key}' must be a finite number, got {value!r}")
+    config[key] = value
+
+
+def _read_config_file(path):
+    """A config file's `name = literal` lines as (name, value, where) triples; never executed."""
+    if not os.path.isfile(path):
+        raise InputError(f"config file {path} not found (settings are passed as --name=value)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read(), path)
+    except UnicodeDecodeError as e:
+        raise InputError(f"config file {path} is not UTF-8 text "
+                         f"({e.reason} at byte {e.start})") from None
+    except SyntaxError as e:
+        raise InputError(f"{path}, line {e.lineno}: not a valid `name = value` line "
+                         f"({e.msg})") from None
+    except (OSError, ValueError) as e:
+        raise InputError(f"config file {path} cannot be read ({e})") from None
+    for node in tree.body:
+        if not (isinstance(node, ast.Assign) and len(node.targets) == 1
+                and isinstance(node.targets[0], ast.Name)):
+            raise InputError(f"{path}, line {node.lineno}: only `name = value` lines are allowed")
+        try:
+            value = ast.literal_eval(node.value)
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+            raise InputError(f"{path}, line {node.lineno}: the value must be a literal "
+                             f"(number, string, bool)") from None
+        yield node.targets[0].id, value, f"{path}, line {node.lineno}"
 
 
 # ----------------------------------------------------------------------------------------------
 if __name__ == "__main__":
     # the statistics of the paper's Table 6, plus the number of examples in each split
-    print(f"{'dataset':8s} {'users':>7s} {'items':>7s} {'interact.':>10s} {'mean len':>9s} {'median':>7s} "
-          f"{'train ex.':>10s} {'valid ex.':>10s} {'test ex.':>9s}")
+    print(f"{'dataset':8s} {'users':>7s} {'items':>7s} {'interact.':>10s} {'mean len':>9s} "
+          f"{'median':>7s} {'train ex.':>10s} {'valid ex.':>10s} {'test ex.':>9s}")
     try:
         for name in DATASETS:
             ds = load_dataset(name)
             lengths = np.array([len(s) for s in ds.sequences])
             train, valid, test = split(ds)
-            print(f"{name:8s} {len(ds.users):7,d} {ds.n_items:7,d} {lengths.sum():10,d} {lengths.mean():9.2f} "
-                  f"{np.median(lengths):7.0f} {len(train):10,d} {len(valid):10,d} {len(test):9,d}")
+            print(f"{name:8s} {len(ds.users):7,d} {ds.n_items:7,d} {lengths.sum():10,d} "
+                  f"{lengths.mean():9.2f} {np.median(lengths):7.0f} {len(train):10,d} "
+                  f"{len(valid):10,d} {len(test):9,d}")
     except InputError as e:
         sys.exit(f"error: {e}")

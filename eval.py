@@ -1,69 +1,51 @@
 """
-eval.py -- how TIGER is measured (paper Sec. 4, "Evaluation Metrics"), pure functions first.
+eval.py -- how TIGER is measured (paper Sec. 4, "Evaluation Metrics").
 
 Leave-one-out: each user has exactly one held-out item; the model ranks the full catalogue (beam
 search over Semantic IDs returns a ranked list of items), and
   Recall@K = share of users whose held-out item is in the top K
-  NDCG@K   = mean over users of 1 / log2(rank + 1) if rank <= K else 0   (one relevant item: IDCG = 1)
-Also: the invalid-ID rate of unconstrained decoding (Fig. 6), the diversity of a ranking
-(Entropy@K as in Sec. 4.3 / Table 3, catalogue coverage, the Gini index of exposure), the
-categories each kind of user is shown (Table 4), a most-popular baseline, and the results tables:
-one run beside the paper's Table 1, or every finished run under out/ (the report).
+  NDCG@K   = mean over users of 1 / log2(rank + 1) if rank <= K else 0
+             (one relevant item: IDCG = 1)
 
-Drivers after the functions (they load a checkpoint written by tiger.py):
+Part I is the measurement, pure functions:
+  1. the metrics: Recall/NDCG@K, the invalid-ID rate of unconstrained decoding (Fig. 6), the
+     diversity of a ranking (Entropy@K as in Sec. 4.3 / Table 3, coverage, the Gini index of
+     exposure), the categories each kind of user is shown (Table 4)
+  2. the baselines: most popular, and Semantic_KNN (the cold-start baseline of Sec. 4.3)
+  3. the cold-start protocol (Fig. 5): Recall@1..20 of unseen-target and seen-target users
+Part II is the workshop: the paper's numbers, the report of every finished run, and the drivers
+that load a checkpoint written by tiger.py:
   python eval.py --ckpt=out/beauty/rqkmeans/tiger/best.pt [--split=test] [--constrained=False]
   python eval.py --ckpt=... --demo=3      # 3 users' histories and their top-10 with titles and IDs
   python eval.py --ckpt=... --split=valid --beam_size=80   # the same checkpoint, a wider beam
   python eval.py --temperature=1.5 --beam_size=50          # sampled top-50: diversity (Table 3)
-  python eval.py --history=B004756YJA,B004ZT0SSG,17        # recommend for any history (ids or ASINs)
-  python eval.py --ckpt=out/beauty/rqkmeans-cold0.05/tiger/best.pt --cold_start   # cold start (Fig. 5)
+  python eval.py --history=B004756YJA,B004ZT0SSG,17        # recommend for any history (ids, ASINs)
+  python eval.py --ckpt=out/beauty/rqkmeans-cold0.05/tiger/best.pt --cold_start   # Fig. 5
   python eval.py --report=out             # every finished run under out/, as Markdown tables
 """
 import json
+import math
 import os
 import sys
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
 
-KS = (5, 10, 20)
-PAPER = {"beauty": (0.0454, 0.0321, 0.0648, 0.0384), "sports": (0.0264, 0.0181, 0.0400, 0.0225),
-         "toys": (0.0521, 0.0371, 0.0712, 0.0432)}  # Table 1: Recall@5, NDCG@5, Recall@10, NDCG@10
-# Table 2, the other ID schemes (as transcribed by third-party reading notes; the RQ-VAE row is Table 1)
-PAPER_IDS = {("beauty", "lsh"): (0.0379, 0.0259, 0.0533, 0.0309), ("beauty", "random"): (0.0296, 0.0205, 0.0434, 0.0250),
-             ("sports", "lsh"): (0.0215, 0.0146, 0.0321, 0.0180), ("sports", "random"): (0.007, 0.005, 0.0116, 0.0063),
-             ("toys", "lsh"): (0.0412, 0.0299, 0.0566, 0.0349), ("toys", "random"): (0.0362, 0.0270, 0.0448, 0.0298)}
-# Table 9: mean and standard error of 3 training seeds (one transcription, from the paper's LaTeX source)
-PAPER_SEEDS = {"beauty": ("0.0441 ± 0.0007", "0.0309 ± 0.0006", "0.0642 ± 0.0009", "0.0374 ± 0.0006"),
-               "sports": ("0.0278 ± 0.0007", "0.0189 ± 0.0004", "0.0419 ± 0.0010", "0.0234 ± 0.0005"),
-               "toys": ("0.0518 ± 0.0006", "0.0375 ± 0.0004", "0.0698 ± 0.0013", "0.0433 ± 0.0005")}
-# the other settings the paper measured on Beauty (same source), keyed by the report's recipe text
-# without its user-token terms: Table 10 (App. E), Semantic IDs learnt on three datasets; Table 8,
-# the user token read (a recipe that changes only the user token's settings)
-PAPER_RECIPES = {"fit_with=sports,toys": ("Table 10", (0.04355, 0.03047, 0.06314, 0.03676)),
-                 "": ("Table 8", (0.0454, 0.0321, 0.0648, 0.0384))}
+KS = (5, 10, 20)    # the K of Recall@K / NDCG@K (the paper reports 5 and 10)
 
-
-def paper_row(name, ids, recipe="default"):
-    """The paper's (table, (R@5, N@5, R@10, N@10)) for a dataset, ID scheme and recipe, or (None, None).
-    Runs on Semantic IDs (RQ-VAE, or RQ-KMeans: ours, beyond the paper) sit beside TIGER's own rows
-    (Table 1, or the Table 8 / 10 row of a setting they change); the ID baselines beside Table 2's."""
-    if ids not in data.LEARNT_IDS:
-        return ("Table 2", PAPER_IDS.get((name, ids))) if recipe == "default" else (None, None)
-    if recipe == "default":
-        return "Table 1", PAPER.get(name)
-    rest = " ".join(t for t in recipe.split() if not t.startswith(("user_token=", "user_dropout=")))
-    return PAPER_RECIPES.get(rest, (None, None)) if name == "beauty" else (None, None)
-
+# ==============================================================================================
+# Part I. The measurement.
 
 # ----------------------------------------------------------------------------------------------
-# Pure metric functions
+# 1. The metrics
 
 def ranks_of(ranked, targets):
-    """ranked: (N, K) item ids, best first; targets: (N,). Returns (N,) 1-based rank, 0 when missing."""
+    """ranked: (N, K) item ids, best first; targets: (N,).
+    Returns (N,) 1-based rank, 0 when missing."""
     hit = torch.as_tensor(ranked) == torch.as_tensor(targets)[:, None]       # (N, K)
     first = hit.float().argmax(dim=1) + 1                                     # first hit position
     return torch.where(hit.any(dim=1), first, torch.zeros_like(first))
@@ -148,14 +130,37 @@ def category_mix(items, targets, category, names, k=10, n_targets=3, n_shown=3):
     category = torch.as_tensor(category)
     target_cat = category[targets]
     lines = []
-    for c in torch.bincount(target_cat[target_cat >= 0]).argsort(descending=True)[:n_targets].tolist():
+    common = torch.bincount(target_cat[target_cat >= 0]).argsort(descending=True)[:n_targets]
+    for c in common.tolist():
         shown = category[items[target_cat == c]].reshape(-1)
         shown = shown[shown >= 0]
         counts = torch.bincount(shown, minlength=len(names))
         top = counts.argsort(descending=True)[:n_shown].tolist()
-        mix = ", ".join(f"{names[i]} {counts[i].item() / len(shown):.0%}" for i in top if counts[i] > 0)
+        mix = ", ".join(f"{names[i]} {counts[i].item() / len(shown):.0%}"
+                        for i in top if counts[i] > 0)
         lines.append(f"target {names[c]} ({(target_cat == c).sum().item()} users): top-{k} {mix}")
     return lines
+
+
+def recall_curve(items, targets, ks):
+    """Recall@K for every K in ks. items: (N, >= max(ks)) item ids; a list of floats."""
+    r = recall_ndcg(ranks_of(items, targets), ks)
+    return [r[f"recall@{k}"] for k in ks]
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. The baselines: what any recommender must beat (most popular), and what cold start is
+# measured against (Semantic_KNN)
+
+def most_popular(dataset, examples, unseen=(), k=max(KS)):
+    """The most-popular baseline: every user gets the k items with most training interactions
+    (data.training_part of each sequence, so nothing of validation or test is counted, nor a
+    cold-start run's unseen items)."""
+    counts = np.zeros(dataset.n_items + 1, dtype=np.int64)
+    for seq in dataset.sequences:
+        np.add.at(counts, data.training_part(seq, unseen), 1)
+    top = np.argsort(-counts[1:], kind="stable")[:k] + 1
+    return recall_ndcg(ranks_of(np.tile(top, (len(examples), 1)), examples.target))
 
 
 def semantic_knn(item_emb, history, length, k, query="last", batch_size=1024):
@@ -182,21 +187,75 @@ def semantic_knn(item_emb, history, length, k, query="last", batch_size=1024):
     return torch.cat(out)
 
 
-def recall_curve(items, targets, ks):
-    """Recall@K for every K in ks. items: (N, >= max(ks)) item ids; a list of floats."""
-    r = recall_ndcg(ranks_of(items, targets), ks)
-    return [r[f"recall@{k}"] for k in ks]
+# ----------------------------------------------------------------------------------------------
+# 3. The cold-start protocol (Sec. 4.3, Fig. 5). The users are split by their held-out item:
+# unseen (the cold-start users: only a model that can return unseen items can get them right) or
+# seen. TIGER's top K comes from its seen ranking and its unseen candidates under the epsilon rule
+# (tiger.epsilon_top_k); Semantic_KNN's from the content embeddings. Recall@K for K = 1..20, per
+# group, per epsilon; Fig. 5a is epsilon = 0.1, Fig. 5b the sweep.
+
+EPSILONS = (0.0, 0.05, 0.1, 0.2, 0.5, 1.0)   # the cold-start sweep (Fig. 5b)
+COLD_KS = tuple(range(1, 21))                # Recall@K for K = 1..20 (Fig. 5a)
 
 
-def most_popular(dataset, examples, unseen=(), k=max(KS)):
-    """The most-popular baseline: every user gets the k items with most training interactions
-    (data.training_part of each sequence, so nothing of validation or test is counted, nor a
-    cold-start run's unseen items)."""
-    counts = np.zeros(dataset.n_items + 1, dtype=np.int64)
-    for seq in dataset.sequences:
-        np.add.at(counts, data.training_part(seq, unseen), 1)
-    top = np.argsort(-counts[1:], kind="stable")[:k] + 1
-    return recall_ndcg(ranks_of(np.tile(top, (len(examples), 1)), examples.target))
+def cold_start_recalls(seen, seen_scores, new, new_scores, targets, is_cold, knn):
+    """seen (N, beam), seen_scores: the seen ranking and its log p; new (N, m), new_scores: the
+    unseen candidates and their log p(prefix) (-inf: none); targets (N,); is_cold (N,) bool, the
+    users whose held-out item is unseen; knn: {query: (N, 20) Semantic_KNN items}. Returns
+    {"tiger": {epsilon: {group: [R@1..R@20]}}, "semantic_knn": {query: {group: [...]}}}."""
+    import tiger  # (see main)
+    groups = {"unseen_target": is_cold, "seen_target": ~is_cold}
+    out = {"tiger": {}, "semantic_knn": {}}
+    for eps in EPSILONS:
+        # the top K depends on K (at most floor(eps * K) unseen items): one list per K
+        tops = {k: tiger.epsilon_top_k(seen, seen_scores, new, new_scores, k, eps) for k in COLD_KS}
+        out["tiger"][f"{eps:g}"] = {g: [recall_curve(tops[k][m], targets[m], [k])[0]
+                                        for k in COLD_KS] for g, m in groups.items()}
+    for query, items in knn.items():
+        out["semantic_knn"][query] = {g: recall_curve(items[m], targets[m], COLD_KS)
+                                      for g, m in groups.items()}
+    return out
+
+
+# ==============================================================================================
+# Part II. The workshop: the paper's numbers, the report, the drivers.
+
+# ---- the paper's numbers, beside ours -------------------------------------------------------
+
+PAPER = {"beauty": (0.0454, 0.0321, 0.0648, 0.0384), "sports": (0.0264, 0.0181, 0.0400, 0.0225),
+         "toys": (0.0521, 0.0371, 0.0712, 0.0432)}  # Table 1: Recall@5, NDCG@5, Recall@10, NDCG@10
+# Table 2, the other ID schemes (as transcribed by third-party reading notes; the RQ-VAE row is
+# Table 1)
+PAPER_IDS = {("beauty", "lsh"): (0.0379, 0.0259, 0.0533, 0.0309),
+             ("beauty", "random"): (0.0296, 0.0205, 0.0434, 0.0250),
+             ("sports", "lsh"): (0.0215, 0.0146, 0.0321, 0.0180),
+             ("sports", "random"): (0.007, 0.005, 0.0116, 0.0063),
+             ("toys", "lsh"): (0.0412, 0.0299, 0.0566, 0.0349),
+             ("toys", "random"): (0.0362, 0.0270, 0.0448, 0.0298)}
+# Table 9: mean and standard error of 3 training seeds (one transcription, from the paper's LaTeX
+# source)
+PAPER_SEEDS = {
+    "beauty": ("0.0441 ± 0.0007", "0.0309 ± 0.0006", "0.0642 ± 0.0009", "0.0374 ± 0.0006"),
+    "sports": ("0.0278 ± 0.0007", "0.0189 ± 0.0004", "0.0419 ± 0.0010", "0.0234 ± 0.0005"),
+    "toys": ("0.0518 ± 0.0006", "0.0375 ± 0.0004", "0.0698 ± 0.0013", "0.0433 ± 0.0005")}
+# the other settings the paper measured on Beauty (same source), keyed by the report's recipe text
+# without its user-token terms: Table 10 (App. E), Semantic IDs learnt on three datasets; Table 8,
+# the user token read (a recipe that changes only the user token's settings)
+PAPER_RECIPES = {"fit_with=sports,toys": ("Table 10", (0.04355, 0.03047, 0.06314, 0.03676)),
+                 "": ("Table 8", (0.0454, 0.0321, 0.0648, 0.0384))}
+
+
+def paper_row(name, ids, recipe="default"):
+    """The paper's (table, (R@5, N@5, R@10, N@10)) for a dataset, ID scheme and recipe, or
+    (None, None). Runs on Semantic IDs (RQ-VAE, or RQ-KMeans: ours, beyond the paper) sit beside
+    TIGER's own rows (Table 1, or the Table 8 / 10 row of a setting they change); the ID baselines
+    beside Table 2's."""
+    if ids not in data.LEARNT_IDS:
+        return ("Table 2", PAPER_IDS.get((name, ids))) if recipe == "default" else (None, None)
+    if recipe == "default":
+        return "Table 1", PAPER.get(name)
+    rest = " ".join(t for t in recipe.split() if not t.startswith(("user_token=", "user_dropout=")))
+    return PAPER_RECIPES.get(rest, (None, None)) if name == "beauty" else (None, None)
 
 
 def print_table(results, name, ids="rqvae"):
@@ -220,10 +279,10 @@ def print_table(results, name, ids="rqvae"):
 # paper's Table 1, with where each number came from (command, commit, machine, wall time).
 
 METRIC_KEYS = ("recall@5", "ndcg@5", "recall@10", "ndcg@10")
-# settings that say where or how fast a run went, not what it computed (validating more or less often
-# trains the same model: test_validating_more_often_trains_the_very_same_model)
-NOT_RECIPE = ("run", "out_dir", "resume", "overwrite", "device", "eval_batch_size", "bench", "profile", "dataset",
-              "ids", "seed", "eval_every")
+# settings that say where or how fast a run went, not what it computed (validating more or less
+# often trains the same model: test_validating_more_often_trains_the_very_same_model)
+NOT_RECIPE = ("run", "out_dir", "resume", "overwrite", "device", "eval_batch_size", "bench",
+              "profile", "dataset", "ids", "seed", "eval_every")
 
 
 def collect_runs(out_dir):
@@ -232,27 +291,52 @@ def collect_runs(out_dir):
     file that is not what tiger.py writes is an error naming it."""
     runs = []
     for folder, _, files in sorted(os.walk(out_dir)):
-        if "metrics.json" not in files:
-            continue
-        loaded = {}
-        for name in ("config.json", "metrics.json"):
-            path = os.path.join(folder, name)
-            try:
-                with open(path, encoding="utf-8") as f:
-                    loaded[name] = json.load(f)
-                if name == "metrics.json":
-                    test = loaded[name]["test"]
-                    ok = all(isinstance(test[k], float) for k in METRIC_KEYS)
-                    ok = ok and isinstance(loaded[name]["wall_s"], (int, float))
-                else:
-                    ok = {"dataset", "ids", "seed"} <= set(loaded[name])
-                if not ok:
-                    raise ValueError("missing or malformed fields")
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                raise data.InputError(f"{path} is not a finished run's {name} ({type(e).__name__}); "
-                                      f"rerun that run or move it out of {out_dir}") from None
-        runs.append({"folder": folder, "settings": loaded["config.json"],
-                     "metrics": loaded["metrics.json"]})
+        if "metrics.json" in files:
+            runs.append({"folder": folder,
+                         "settings": read_run_file(folder, "config.json", out_dir),
+                         "metrics": read_run_file(folder, "metrics.json", out_dir)})
+    return runs
+
+
+def read_run_file(folder, name, out_dir):
+    """A run's config.json or metrics.json, checked: the fields the report reads are there, and
+    every test metric is a number in [0, 1]."""
+    path = os.path.join(folder, name)
+    try:
+        with open(path, encoding="utf-8") as f:
+            loaded = json.load(f)
+        if name == "metrics.json":
+            test = [loaded["test"][k] for k in METRIC_KEYS]
+            ok = all(isinstance(v, float) and 0 <= v <= 1 for v in test)  # NaN fails both
+            ok = (ok and isinstance(loaded["wall_s"], (int, float))
+                  and math.isfinite(loaded["wall_s"]))
+        else:
+            ok = {"dataset", "ids", "seed"} <= set(loaded)
+        if not ok:
+            raise ValueError("missing, malformed or out-of-range fields")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise data.InputError(f"{path} is not a finished run's {name} ({type(e).__name__}: {e}); "
+                              f"rerun that run or move it out of {out_dir}") from None
+    return loaded
+
+
+def print_report(folder, defaults):
+    """--report: the tables of every finished run under folder. A run written by an older
+    tiger.py, before one of today's settings existed, cannot be read as any recipe: it is named
+    and left out (train it again to report it)."""
+    if not os.path.isdir(folder):
+        raise data.InputError(f"--report={folder}: no such folder")
+    runs = collect_runs(folder)
+    if not runs:
+        raise data.InputError(f"no finished run under {folder} (a run folder has metrics.json)")
+    old = [r for r in runs if not set(defaults) <= set(r["settings"])]
+    runs = [r for r in runs if r not in old]
+    if runs:
+        print(report_tables(runs, defaults))
+    for r in old:
+        missing = sorted(set(defaults) - set(r["settings"]))
+        print(f"left out {r['folder']}: written before the setting(s) {', '.join(missing)} "
+              f"existed; train it again to report it")
     return runs
 
 
@@ -284,54 +368,130 @@ def report_tables(runs, defaults):
     for (name, ids, rec), members in sorted(groups.items()):
         cells = [mean_se([m["metrics"]["test"][k] for m in members]) for k in METRIC_KEYS]
         popular = members[0]["metrics"].get("test_most_popular", {}).get("recall@10", float("nan"))
-        lines.append(f"| {name} | {ids} | {rec} | {len(members)} | {' | '.join(cells)} | {popular:.4f} |")
+        lines.append(f"| {name} | {ids} | {rec} | {len(members)} | {' | '.join(cells)} "
+                     f"| {popular:.4f} |")
         table, paper = paper_row(name, ids, rec)
         if paper:
             cells = " | ".join(f"{v:.4f}" for v in paper)
             lines.append(f"| {name} | paper, {table} | | | {cells} | |")
-        if table == "Table 1" and len(members) > 1 and name in PAPER_SEEDS:      # seeds of the default
+        if table == "Table 1" and len(members) > 1 and name in PAPER_SEEDS:  # seeds of the default
             lines.append(f"| {name} | paper, Table 9 | | 3 | {' | '.join(PAPER_SEEDS[name])} | |")
     lines += ["", "| run | test Recall@10 | best step | wall | commit | machine | command |",
               "|---|---|---|---|---|---|---|"]
     for r in runs:
         m, p = r["metrics"], r["metrics"].get("provenance", {})
         machine = f"{p.get('machine', '?')}, threads: {p.get('threads', '?')}" if p else "?"
-        lines.append(f"| {r['folder']} | {m['test']['recall@10']:.4f} | {m.get('best_step', '?')} | "
-                     f"{m['wall_s'] / 60:.1f} min | {p.get('commit', '?')} | {machine} | "
-                     f"`{p.get('command', '?')}` |")
+        lines.append(f"| {r['folder']} | {m['test']['recall@10']:.4f} | "
+                     f"{m.get('best_step', '?')} | {m['wall_s'] / 60:.1f} min | "
+                     f"{p.get('commit', '?')} | {machine} | `{p.get('command', '?')}` |")
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------------------------
-# Drivers: score a checkpoint, or show what it recommends. A checkpoint carries its model config
-# and the Semantic-ID table it was trained on, so it is scored with exactly those IDs, even if
-# prepare.py has rebuilt out/<dataset>/<ids>/ since.
+# ---- the drivers: score a checkpoint, or show what it recommends ------------------------------
+# A checkpoint carries its model config and the Semantic-ID table it was trained on, so it is
+# scored with exactly those IDs, even if prepare.py has rebuilt out/<dataset>/<ids>/ since.
 
 ckpt = "out/beauty/rqkmeans/tiger/best.pt"  # a checkpoint written by tiger.py (the main job's)
 split = "test"            # valid | test
-constrained = True        # False: unconstrained beam search, and report the invalid-ID rate (Fig. 6)
+constrained = True        # False: unconstrained beam search, report the invalid-ID rate (Fig. 6)
 demo = 0                  # > 0: print this many users' histories and top-10 instead of the metrics
-beam_size = 0             # >= 10: decode with this many beams instead of the checkpoint's; 0: its own
-temperature = 0.0         # > 0: sample the ranking at this temperature instead of beam search (Table 3)
-history = ""              # item ids or ASINs, comma-separated, oldest first: recommend for this history
+beam_size = 0             # >= 10: decode with this many beams, not the checkpoint's; 0: its own
+temperature = 0.0         # > 0: sample the ranking at this temperature, not beam search (Table 3)
+history = ""              # item ids or ASINs, comma-separated, oldest first: recommend for these
 seed = 0                  # the sampling's seed
-cold_start = False        # the cold-start protocol (Sec. 4.3, Fig. 5), for a checkpoint trained with
-                          # tiger.py --cold_start: TIGER at several epsilon vs Semantic_KNN
+cold_start = False        # the cold-start protocol (Sec. 4.3, Fig. 5), for a checkpoint trained
+                          # with tiger.py --cold_start: TIGER at several epsilon vs Semantic_KNN
 epsilon = 0.0             # a cold-start checkpoint's --history and --demo: the largest share of
                           # unseen items in the top 10 (0: seen items only; paper's Fig. 5a: 0.1)
 report = ""               # a folder: print the results tables of every finished run under it
 DEFAULTS = data.settings(globals())
-RANGES = {"split": ("valid", "test"), "demo": "[0, inf)", "beam_size": "[0, inf)", "temperature": "[0, 100]",
-          "seed": "[0, inf)", "epsilon": "[0, 1]"}
-EPSILONS = (0.0, 0.05, 0.1, 0.2, 0.5, 1.0)   # the cold-start sweep (Fig. 5b)
-COLD_KS = tuple(range(1, 21))                # Recall@K for K = 1..20 (Fig. 5a)
+RANGES = {"split": ("valid", "test"), "demo": "[0, inf)", "beam_size": "[0, inf)",
+          "temperature": "[0, 100]", "seed": "[0, inf)", "epsilon": "[0, 1]"}
+
+
+class Scorer:
+    """A checkpoint made ready to score: its model, its Semantic IDs and data (checked to be the
+    ones it trained on), the decoding tables, and recommend() for a batch, decoded as configured."""
+
+    def __init__(self, config):
+        import tiger  # (see main)
+        self.config, self.tiger = config, tiger
+        self.saved = tiger.load_checkpoint(config["ckpt"])
+        self.dev = data.pick_device()  # this machine's choice, not the one it was trained on
+        self.model, self.tokenizer, self.trained_with = tiger.model_from_checkpoint(
+            self.saved, self.dev)
+        self.ds = ds = data.load_dataset(self.trained_with["dataset"])
+        self.unseen = data.unseen_items(ds, self.trained_with["cold_start"])  # cold start only
+        fingerprint = tiger.ids_fingerprint(self.tokenizer.codes, ds, self.unseen)
+        if fingerprint != self.saved["ids_fingerprint"]:
+            raise data.InputError(
+                f"{config['ckpt']} was trained on another version of dataset "
+                f"{self.trained_with['dataset']} (its Semantic IDs do not fit it, or its items, "
+                f"embeddings, sequences or unseen items differ); it cannot be scored on this one")
+        check_driver_settings(config, self.unseen)
+        _, valid, test = data.split(ds, self.unseen)
+        self.examples = valid if config["split"] == "valid" else test
+        self.beam = config["beam_size"] or self.trained_with["beam_size"]
+        seen = np.flatnonzero(data.seen_items(ds, self.unseen)) + 1
+        self.tables = tiger.PrefixTables(self.tokenizer, self.dev, seen)
+        # the unseen items' candidates: prefixes of all items, and who is under them
+        if len(self.unseen):
+            self.all_tables = tiger.PrefixTables(self.tokenizer, self.dev)
+            self.unseen_of_prefix = tiger.unseen_table(self.all_tables, self.tokenizer.codes,
+                                                       self.unseen)
+        self.user_tok = (self.tokenizer.user_tokens(ds.users) if self.trained_with["user_token"]
+                         else None)
+        self.autocast = tiger.make_autocast(self.dev, self.trained_with["precision"])
+        self.generator = torch.Generator(device=self.dev).manual_seed(config["seed"])
+        self.how = (f"{'constrained' if config['constrained'] else 'unconstrained'} "
+                    + (f"sampling at temperature {config['temperature']}, {self.beam} items"
+                       if config["temperature"] > 0 else f"beam search, beam {self.beam}"))
+
+    @torch.no_grad()
+    def recommend(self, batch, epsilon=0.0):
+        """Ranked items of a batch (B, beam); with epsilon > 0 (cold start) the top (B, 10) with at
+        most epsilon of them unseen (tiger.epsilon_top_k)."""
+        tiger, c, enc = self.tiger, self.config, batch["enc"].to(self.dev)
+        self.model.eval()
+        with self.autocast():
+            codes, scores = tiger.beam_search(self.model, enc, self.tables, self.beam,
+                                              c["constrained"], c["temperature"], self.generator)
+            items = tiger.ranked_items(self.tables, codes, scores)
+            if epsilon > 0:
+                new, new_scores = tiger.unseen_candidates(self.model, enc, self.all_tables,
+                                                          self.unseen_of_prefix, self.beam)
+                items = tiger.epsilon_top_k(items, scores, new, new_scores, 10, epsilon)
+        return items.cpu()
+
+    def result_path(self, prefix, suffix=""):
+        """Where a driver writes its JSON: beside the checkpoint, named after what it scored."""
+        stem = os.path.splitext(os.path.basename(self.config["ckpt"]))[0]   # best | ckpt
+        return os.path.join(os.path.dirname(self.config["ckpt"]),
+                            f"{prefix}_{stem}_{self.config['split']}_{suffix}.json")
+
+
+def check_driver_settings(config, unseen):
+    """The combinations of driver settings that cannot work, refused before any decoding."""
+    if 0 < config["beam_size"] < 10:
+        raise data.InputError(f"--beam_size must be >= 10 (the metrics go up to K = 10), or 0 for "
+                              f"the checkpoint's own (got {config['beam_size']})")
+    if (config["cold_start"] or config["epsilon"] > 0) and not len(unseen):
+        raise data.InputError(f"{config['ckpt']} was not trained for cold start; --cold_start and "
+                              f"--epsilon need a run of `python prepare.py --cold_start=0.05 && "
+                              f"python tiger.py --cold_start=0.05`")
+    if config["epsilon"] > 0 and not (config["history"] or config["demo"]):
+        raise data.InputError("--epsilon applies to --history and --demo; to score a split with "
+                              "unseen items use --cold_start (it sweeps epsilon)")
+    if config["epsilon"] > 0 and config["temperature"] > 0:
+        raise data.InputError("--epsilon merges rankings by log-probability, which a sampled "
+                              "ranking (--temperature) does not have; give one of them")
 
 
 def show(ds, tokenizer, header, history, top, target=None):
     """A learner's view: a history and its top-10, with titles and Semantic IDs."""
     def line(item):
         code = tuple(tokenizer.codes[item - 1].tolist())
-        return f"    {item:6d}  {code!s:20s} {ds.items[item - 1]['title']}"
+        return f"    {item:6d}  {code!s:20s} {ds.items[item - 1].get('title', '(no title)')}"
     print(f"{header}: history (oldest first)")
     print("\n".join(line(i) for i in history))
     print("  top-10 recommendations" + (" (* = the held-out item)" if target is not None else ""))
@@ -341,17 +501,12 @@ def show(ds, tokenizer, header, history, top, target=None):
     print()
 
 
-def ckpt_stem(path):
-    """'best' for .../best.pt, 'ckpt' for .../ckpt.pt: names a result file after what it scored."""
-    return os.path.splitext(os.path.basename(path))[0]
-
-
 def parse_history(text, ds):
     """'B004756YJA,17,...' -> item ids (oldest first): each entry an item id or an ASIN."""
     by_asin = {it.get("asin"): it["item"] for it in ds.items}
     ids, unknown = [], []
     for entry in (e.strip() for e in text.split(",") if e.strip()):
-        item = int(entry) if entry.isdigit() else by_asin.get(entry)
+        item = int(entry) if entry.isascii() and entry.isdigit() else by_asin.get(entry)
         if item is None or not 1 <= item <= ds.n_items:
             unknown.append(entry)
         else:
@@ -362,6 +517,129 @@ def parse_history(text, ds):
     return np.array(ids, dtype=np.int64)
 
 
+def recommend_history(sc):
+    """--history: the top 10 for any history, as a user the model never saw (no user token)."""
+    c = sc.config
+    history = parse_history(c["history"], sc.ds)[-data.MAX_HISTORY:]
+    one = data.Examples(user=np.zeros(1, np.int64), history=history[None],
+                        length=np.array([len(history)]), target=history[-1:],
+                        position=np.array([len(history)]))
+    pad_user = torch.tensor([data.PAD]) if sc.user_tok is not None else None
+    top = sc.recommend(data.make_batch(one, [0], sc.tokenizer, pad_user), c["epsilon"])[0].tolist()
+    show(sc.ds, sc.tokenizer, f"{c['ckpt']}, {sc.how}", history, top)
+    return top
+
+
+def show_demo(sc):
+    """--demo=N: N random users of the split, their histories and top 10."""
+    c, ex = sc.config, sc.examples
+    if c["demo"] > len(ex):
+        raise data.InputError(f"--demo={c['demo']}, but the {c['split']} split has only "
+                              f"{len(ex)} users")
+    idx = np.random.default_rng(0).choice(len(ex), c["demo"], replace=False)
+    top = sc.recommend(data.make_batch(ex, idx, sc.tokenizer, sc.user_tok), c["epsilon"])
+    print(f"{c['ckpt']} (step {sc.saved['step']}), {sc.how} ({c['split']} users):\n")
+    for j, i in enumerate(idx):
+        show(sc.ds, sc.tokenizer, f"user {sc.ds.users[ex.user[i]]}", ex.history[i, :ex.length[i]],
+             top[j].tolist(), ex.target[i])
+
+
+def score_split(sc, argv):
+    """The metrics of a whole split (Recall/NDCG, the diversity ones, Fig. 6's invalid IDs when
+    unconstrained), Table 4's category mix, and most popular; written beside the checkpoint."""
+    c = sc.config
+    category, names = data.item_categories(sc.ds.items)   # Entropy@K; coverage and Gini need none
+    result, items, targets = sc.tiger.evaluate(
+        sc.model, sc.examples, sc.tokenizer, sc.user_tok, sc.tables, sc.beam,
+        sc.trained_with["eval_batch_size"], sc.dev, constrained=c["constrained"],
+        autocast=sc.autocast, temperature=c["temperature"], seed=c["seed"], category=category,
+        return_items=True)
+    print(f"{c['ckpt']} (step {sc.saved['step']}) on {c['split']}, {sc.how}:")
+    for k, v in result.items():
+        print(f"  {k:13s} {v:.4f}")
+    mix = category_mix(items, targets, category, names) if names else []
+    if mix:  # Table 4: what the users of the most common target categories are shown
+        print("\n".join(["  categories of the top 10 (Table 4):"] + ["    " + m for m in mix]))
+    popular = most_popular(sc.ds, sc.examples, sc.unseen)
+    print("  most popular: " + ", ".join(f"{k} {v:.4f}" for k, v in popular.items()))
+    path = sc.result_path("eval", ("" if c["constrained"] else "free_") + f"beam{sc.beam}" + (
+        f"_T{c['temperature']:g}_seed{c['seed']}" if c["temperature"] > 0 else ""))
+    data.write_json(path, {"metrics": result, "table4": mix, "most_popular": popular,
+                           "checkpoint_step": sc.saved["step"],
+                           "provenance": data.provenance("eval.py", list(argv), sc.dev)})
+    print(f"  written to {path}")
+    return result
+
+
+def score_cold_start(sc, argv):
+    """--cold_start: Fig. 5's protocol on one split (cold_start_recalls), decoded batch by batch,
+    written beside the checkpoint and printed as a table."""
+    tiger, ex, model = sc.tiger, sc.examples, sc.model
+    order = np.argsort(ex.length, kind="stable")          # similar lengths batch together
+    targets = torch.from_numpy(ex.target[order])
+    is_cold = torch.from_numpy(np.isin(ex.target[order], sc.unseen))  # held-out item unseen
+    if not (is_cold.any() and (~is_cold).any()):  # (a recall over no user would be NaN)
+        raise data.InputError(f"no user of the {sc.config['split']} split has "
+                              f"{'an unseen' if not is_cold.any() else 'a seen'} held-out item")
+    bs = sc.trained_with["eval_batch_size"]
+    seen, seen_scores, new, new_scores, level_logp = [], [], [], [], []
+    model.eval()
+    for start in tqdm(range(0, len(order), bs), desc="cold start"):
+        batch = data.make_batch(ex, order[start:start + bs], sc.tokenizer, sc.user_tok)
+        enc, target = batch["enc"].to(sc.dev), batch["target"].to(sc.dev)
+        with torch.no_grad(), sc.autocast():
+            codes, scores = tiger.beam_search(model, enc, sc.tables, sc.beam)
+            seen.append(tiger.ranked_items(sc.tables, codes, scores).cpu())
+            seen_scores.append(scores.float().cpu())
+            items, item_scores = tiger.unseen_candidates(model, enc, sc.all_tables,
+                                                         sc.unseen_of_prefix, sc.beam)
+            new.append(items.cpu()), new_scores.append(item_scores.cpu())
+            # where the model does or does not generalise: log p of each code of the held-out
+            # item's ID given the codes before it (teacher forced), (B, L)
+            h, _ = model(enc, batch["dec_in"].to(sc.dev))
+            level_logp.append(torch.stack(
+                [model.code_logprobs(h[:, l], l).gather(1, target[:, l:l + 1] - first)[:, 0]
+                 for l, (first, _) in enumerate(model.config.levels)], 1).cpu())
+    width = max(x.shape[1] for x in new)             # pad the batches' candidates to one width
+    new = torch.cat([F.pad(x, (0, width - x.shape[1])) for x in new])
+    new_scores = torch.cat([F.pad(x, (0, width - x.shape[1]), value=float("-inf"))
+                            for x in new_scores])
+    knn = {q: semantic_knn(sc.ds.item_emb, ex.history[order], ex.length[order], max(COLD_KS), q)
+           for q in ("last", "mean")}
+    groups = {"unseen_target": is_cold, "seen_target": ~is_cold}
+    result = {"checkpoint": sc.config["ckpt"], "split": sc.config["split"], "beam_size": sc.beam,
+              "ks": list(COLD_KS), "users": {g: int(m.sum()) for g, m in groups.items()},
+              "n_unseen_items": len(sc.unseen),
+              **cold_start_recalls(torch.cat(seen), torch.cat(seen_scores), new, new_scores,
+                                   targets, is_cold, knn),
+              "mean_log_p_per_level": {g: torch.cat(level_logp)[m].mean(0).tolist()
+                                       for g, m in groups.items()},
+              "provenance": data.provenance("eval.py", list(argv), sc.dev)}
+    path = sc.result_path("cold_start", f"beam{sc.beam}")
+    data.write_json(path, result)
+    print_cold_start(result, sc, path)
+    return result
+
+
+def print_cold_start(result, sc, path):
+    users = result["users"]
+    print(f"{sc.config['ckpt']}, cold start on {sc.config['split']}: {len(sc.unseen)} unseen "
+          f"items; {users['unseen_target']} users with an unseen held-out item, "
+          f"{users['seen_target']} with a seen one; beam {sc.beam}")
+    print(f"  {'':22s} {'unseen-target users: R@1':>25s} {'R@5':>7s} {'R@10':>7s} {'R@20':>7s}  "
+          f"seen-target users: R@10")
+    rows = [(f"TIGER, epsilon {e}", v) for e, v in result["tiger"].items()]
+    rows += [(f"Semantic_KNN ({q})", v) for q, v in result["semantic_knn"].items()]
+    for label, v in rows:
+        u = v["unseen_target"]
+        print(f"  {label:22s} {u[0]:25.4f} {u[4]:7.4f} {u[9]:7.4f} {u[19]:7.4f}  "
+              f"{v['seen_target'][9]:.4f}")
+    for g, v in result["mean_log_p_per_level"].items():
+        print(f"  {g.replace('_', '-')} users: mean log p of the held-out item's codes, level by "
+              f"level: " + ", ".join(f"{x:.2f}" for x in v))
+    print(f"  written to {path}")
+
+
 def main(argv):
     # The drivers need tiger.py (the model and its decoding), and tiger.py needs this file's
     # metrics: importing it here, not at the top, is what lets both files import each other.
@@ -369,178 +647,18 @@ def main(argv):
     config = data.configure(DEFAULTS, argv)
     data.check_settings(config, RANGES)
     if config["report"]:
-        if not os.path.isdir(config["report"]):
-            raise data.InputError(f"--report={config['report']}: no such folder")
-        runs = collect_runs(config["report"])
-        if not runs:
-            raise data.InputError(f"no finished run under {config['report']} (a run folder has "
-                                  f"metrics.json)")
-        for r in runs:   # a run from before an option was added trained as its old value says
-            r["settings"] = {**tiger.BEFORE_THE_OPTION, **r["settings"]}
-        print(report_tables(runs, tiger.DEFAULTS))
-        return runs
-    if 0 < config["beam_size"] < 10:
-        raise data.InputError(f"--beam_size must be >= 10 (the metrics go up to K = 10), or 0 for the "
-                              f"checkpoint's own (got {config['beam_size']})")
-    saved = tiger.load_checkpoint(config["ckpt"])
-    dev = data.pick_device()  # this machine's choice, not the one the checkpoint was trained on
-    model, tokenizer, trained_with = tiger.model_from_checkpoint(saved, dev)
-    ds = data.load_dataset(trained_with["dataset"])
-    unseen = data.unseen_items(ds, trained_with["cold_start"])  # cold start: items it never trained on
-    if tiger.ids_fingerprint(tokenizer.codes, ds, unseen) != saved["ids_fingerprint"]:
-        raise data.InputError(f"{config['ckpt']} was trained on another version of dataset "
-                              f"{trained_with['dataset']} (its Semantic IDs do not fit it, or its items, "
-                              f"embeddings, sequences or unseen items differ); it cannot be scored on this one")
-    if (config["cold_start"] or config["epsilon"] > 0) and not len(unseen):
-        raise data.InputError(f"{config['ckpt']} was not trained for cold start; --cold_start and --epsilon "
-                              f"need a run of `python prepare.py --cold_start=0.05 && python tiger.py "
-                              f"--cold_start=0.05`")
-    if config["epsilon"] > 0 and not (config["history"] or config["demo"]):
-        raise data.InputError("--epsilon applies to --history and --demo; to score a split with unseen "
-                              "items use --cold_start (it sweeps epsilon)")
-    if config["epsilon"] > 0 and config["temperature"] > 0:
-        raise data.InputError("--epsilon merges rankings by log-probability, which a sampled ranking "
-                              "(--temperature) does not have; give one of them")
-    _, valid, test = data.split(ds, unseen)
-    examples = valid if config["split"] == "valid" else test
-    beam = config["beam_size"] or trained_with["beam_size"]
-    tables = tiger.PrefixTables(tokenizer, dev, np.flatnonzero(data.seen_items(ds, unseen)) + 1)
-    if len(unseen):  # the unseen items' candidates: prefixes of all items, and who sits under them
-        all_tables = tiger.PrefixTables(tokenizer, dev)
-        unseen_of_prefix = tiger.unseen_table(all_tables, tokenizer.codes, unseen)
-    user_tok = tokenizer.user_tokens(ds.users) if trained_with["user_token"] else None
-    autocast = tiger.make_autocast(dev, trained_with["precision"])
-    how = (f"{'constrained' if config['constrained'] else 'unconstrained'} "
-           + (f"sampling at temperature {config['temperature']}, {beam} items" if config["temperature"] > 0
-              else f"beam search, beam {beam}"))
-    generator = torch.Generator(device=dev).manual_seed(config["seed"])
-
-    def recommend(batch, epsilon=0.0):  # ranked items of a batch, decoded as configured: (B, beam),
-        # or with epsilon > 0 (cold start) the top (B, 10) with at most epsilon of them unseen
-        model.eval()
-        with autocast():
-            codes, scores = tiger.beam_search(model, batch["enc"].to(dev), tables, beam,
-                                              config["constrained"], config["temperature"], generator)
-            items = tiger.ranked_items(tables, codes, scores)
-            if epsilon > 0:  # cold start: let unseen items in, at most epsilon of the top 10
-                new, new_scores = tiger.unseen_candidates(model, batch["enc"].to(dev), all_tables,
-                                                          unseen_of_prefix, beam)
-                items = tiger.epsilon_top_k(items, scores, new, new_scores, 10, epsilon)
-        return items.cpu()
-
+        return print_report(config["report"], tiger.DEFAULTS)
+    if any(a.startswith("--history=") for a in argv) and not config["history"].strip(" ,"):
+        raise data.InputError("--history is empty: give item ids or ASINs, comma-separated, "
+                              "oldest first (--history=B004756YJA,17)")
+    sc = Scorer(config)
     if config["cold_start"]:
-        return score_cold_start(config, argv, model, ds, examples, tokenizer, user_tok, tables, all_tables,
-                                unseen_of_prefix, unseen, beam, trained_with["eval_batch_size"], dev, autocast)
-
-    if config["history"]:  # any history: a user the model never saw, so no user token (PAD)
-        history = parse_history(config["history"], ds)[-data.MAX_HISTORY:]
-        one = data.Examples(user=np.zeros(1, np.int64), history=history[None],
-                            length=np.array([len(history)]), target=history[-1:],
-                            position=np.array([len(history)]))
-        pad_user = torch.tensor([data.PAD]) if trained_with["user_token"] else None
-        top = recommend(data.make_batch(one, [0], tokenizer, pad_user), config["epsilon"])[0].tolist()
-        show(ds, tokenizer, f"{config['ckpt']}, {how}", history, top)
-        return top
+        return score_cold_start(sc, argv)
+    if config["history"]:
+        return recommend_history(sc)
     if config["demo"] > 0:
-        if config["demo"] > len(examples):
-            raise data.InputError(f"--demo={config['demo']}, but the {config['split']} split has only "
-                                  f"{len(examples)} users")
-        idx = np.random.default_rng(0).choice(len(examples), config["demo"], replace=False)
-        top = recommend(data.make_batch(examples, idx, tokenizer, user_tok), config["epsilon"])
-        print(f"{config['ckpt']} (step {saved['step']}), {how} ({config['split']} users):\n")
-        for j, i in enumerate(idx):
-            show(ds, tokenizer, f"user {ds.users[examples.user[i]]}",
-                 examples.history[i, :examples.length[i]], top[j].tolist(), examples.target[i])
-        return None
-    category, names = data.item_categories(ds.items)   # for Entropy@K; coverage and Gini need none
-    result, items, targets = tiger.evaluate(
-        model, examples, tokenizer, user_tok, tables, beam, trained_with["eval_batch_size"], dev,
-        constrained=config["constrained"], autocast=autocast, temperature=config["temperature"],
-        seed=config["seed"], category=category, return_items=True)
-    print(f"{config['ckpt']} (step {saved['step']}) on {config['split']}, {how}:")
-    for k, v in result.items():
-        print(f"  {k:13s} {v:.4f}")
-    mix = category_mix(items, targets, category, names) if names else []
-    if mix:  # Table 4: what the users of the most common target categories are shown
-        print("\n".join(["  categories of the top 10 (Table 4):"] + ["    " + line for line in mix]))
-    popular = most_popular(ds, examples, unseen)
-    print("  most popular: " + ", ".join(f"{k} {v:.4f}" for k, v in popular.items()))
-    name = (f"eval_{ckpt_stem(config['ckpt'])}_{config['split']}_{'' if config['constrained'] else 'free_'}beam{beam}"
-            + (f"_T{config['temperature']:g}_seed{config['seed']}" if config["temperature"] > 0 else "") + ".json")
-    path = os.path.join(os.path.dirname(config["ckpt"]), name)
-    data.write_json(path, {"metrics": result, "table4": mix, "most_popular": popular, "checkpoint_step": saved["step"],
-                           "provenance": data.provenance("eval.py", list(argv), dev)})
-    print(f"  written to {path}")
-    return result
-
-
-def score_cold_start(config, argv, model, ds, examples, tokenizer, user_tok, tables, all_tables,
-                     unseen_of_prefix, unseen, beam, bs, dev, autocast):
-    """The cold-start protocol (Sec. 4.3, Fig. 5) on one split: per user, TIGER's seen ranking and
-    its unseen candidates (tiger.py, "Cold start"), then Recall@1..20 under each epsilon of EPSILONS,
-    and Semantic_KNN, separately for the users whose held-out item is unseen (the cold-start users)
-    and for the others. tables: over the seen items; all_tables, unseen_of_prefix: over all items
-    (tiger.unseen_table). Written beside the checkpoint, cold_start_<checkpoint>_<split>_beam<B>.json."""
-    import tiger  # (see main)
-    order = np.argsort(examples.length, kind="stable")          # similar lengths batch together
-    targets = torch.from_numpy(examples.target[order])
-    cold = torch.from_numpy(np.isin(examples.target[order], unseen))  # users whose held-out item is unseen
-    groups = {"unseen_target": cold, "seen_target": ~cold}
-    if not (cold.any() and (~cold).any()):  # (a recall over no user would be NaN)
-        raise data.InputError(f"no user of the {config['split']} split has "
-                              f"{'an unseen' if not cold.any() else 'a seen'} held-out item")
-    seen_items, seen_scores, new_items, new_scores, level_logp = [], [], [], [], []
-    model.eval()
-    for start in tqdm(range(0, len(order), bs), desc="cold start"):
-        batch = data.make_batch(examples, order[start:start + bs], tokenizer, user_tok)
-        enc, target = batch["enc"].to(dev), batch["target"].to(dev)
-        with torch.no_grad(), autocast():
-            codes, scores = tiger.beam_search(model, enc, tables, beam)
-            items, more = tiger.ranked_items(tables, codes, scores), tiger.unseen_candidates(
-                model, enc, all_tables, unseen_of_prefix, beam)
-            # where the model does or does not generalise: log p of each code of the held-out item's
-            # ID given the codes before it (teacher forced), (B, L)
-            h, _ = model(enc, batch["dec_in"].to(dev))
-            level_logp.append(torch.stack([model.code_logprobs(h[:, l], l).gather(1, target[:, l:l + 1] - first)[:, 0]
-                                           for l, (first, _) in enumerate(model.config.levels)], 1).cpu())
-        seen_items.append(items.cpu()), seen_scores.append(scores.float().cpu())
-        new_items.append(more[0].cpu()), new_scores.append(more[1].cpu())
-    width = max(x.shape[1] for x in new_items)                  # pad the batches' candidates to one width
-    new_items = torch.cat([torch.nn.functional.pad(x, (0, width - x.shape[1])) for x in new_items])
-    new_scores = torch.cat([torch.nn.functional.pad(x, (0, width - x.shape[1]), value=float("-inf"))
-                            for x in new_scores])
-    seen_items, seen_scores = torch.cat(seen_items), torch.cat(seen_scores)
-    k_max = max(COLD_KS)
-    result = {"checkpoint": config["ckpt"], "split": config["split"], "beam_size": beam, "ks": list(COLD_KS),
-              "users": {g: int(m.sum()) for g, m in groups.items()}, "n_unseen_items": len(unseen),
-              "tiger": {}, "semantic_knn": {},
-              "mean_log_p_per_level": {g: torch.cat(level_logp)[m].mean(0).tolist() for g, m in groups.items()}}
-    for eps in EPSILONS:
-        # the top K depends on K (at most floor(eps * K) unseen items): one list per K
-        tops = {k: tiger.epsilon_top_k(seen_items, seen_scores, new_items, new_scores, k, eps) for k in COLD_KS}
-        result["tiger"][f"{eps:g}"] = {g: [recall_curve(tops[k][m], targets[m], [k])[0] for k in COLD_KS]
-                                       for g, m in groups.items()}
-    for query in ("last", "mean"):
-        knn = semantic_knn(ds.item_emb, examples.history[order], examples.length[order], k_max, query)
-        result["semantic_knn"][query] = {g: recall_curve(knn[m], targets[m], COLD_KS) for g, m in groups.items()}
-    result["provenance"] = data.provenance("eval.py", list(argv), dev)
-    path = os.path.join(os.path.dirname(config["ckpt"]), f"cold_start_{ckpt_stem(config['ckpt'])}_{config['split']}_beam{beam}.json")
-    data.write_json(path, result)
-    print(f"{config['ckpt']}, cold start on {config['split']}: {len(unseen)} unseen items; "
-          f"{result['users']['unseen_target']} users with an unseen held-out item, "
-          f"{result['users']['seen_target']} with a seen one; beam {beam}")
-    print(f"  {'':22s} {'unseen-target users: R@1':>25s} {'R@5':>7s} {'R@10':>7s} {'R@20':>7s}  "
-          f"seen-target users: R@10")
-    rows = [(f"TIGER, epsilon {e}", v) for e, v in result["tiger"].items()]
-    rows += [(f"Semantic_KNN ({q})", v) for q, v in result["semantic_knn"].items()]
-    for label, v in rows:
-        u = v["unseen_target"]
-        print(f"  {label:22s} {u[0]:25.4f} {u[4]:7.4f} {u[9]:7.4f} {u[19]:7.4f}  {v['seen_target'][9]:.4f}")
-    for g, v in result["mean_log_p_per_level"].items():
-        print(f"  {g.replace('_', '-')} users: mean log p of the held-out item's codes, level by level: "
-              + ", ".join(f"{x:.2f}" for x in v))
-    print(f"  written to {path}")
-    return result
+        return show_demo(sc)
+    return score_split(sc, argv)
 
 
 if __name__ == "__main__":

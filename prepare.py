@@ -6,9 +6,11 @@ prepare.py -- everything before training: item embeddings -> Semantic IDs -> fil
     python prepare.py --dataset=toys --ids=lsh # another dataset, a baseline ID scheme of Table 2
     python prepare.py --force                  # rebuild even if the artefacts are up to date
     python prepare.py --cold_start=0.05        # the cold-start experiment's IDs (Sec. 4.3), fitted
-                                               # without 5% of the test targets: out/beauty/rqkmeans-cold0.05/
-    python prepare.py --fit_with=sports,toys   # App. E (Table 10): the quantizer learns from the items of
-                                               # all three datasets: out/beauty/rqkmeans-with-sports+toys/
+                                               # without 5% of the test targets:
+                                               # out/beauty/rqkmeans-cold0.05/
+    python prepare.py --fit_with=sports,toys   # App. E (Table 10): the quantizer learns from the
+                                               # items of all three datasets:
+                                               # out/beauty/rqkmeans-with-sports+toys/
 
 It writes into out/<dataset>/<ids>/:
     codes.npy    (n_items, L) int64, row i = the Semantic ID of item id i+1, collision token last
@@ -21,7 +23,8 @@ A second run with the same settings checks the files and reuses them; changed se
 embedding file, a corrupt file or --force rebuild them. A rebuild trains and writes every new file
 under a temporary name first, and only then switches (renames), so a build that fails while
 training or writing leaves the previous one in place. The algorithms live in rqvae.py; this script
-is the orchestration.
+is the orchestration: Part I builds the IDs, Part II decides whether a build can be reused and
+writes it safely.
 """
 import contextlib
 import json
@@ -44,6 +47,33 @@ force = False             # rebuild even when the artefacts match the settings
 DEFAULTS = {**rqvae.DEFAULTS, **data.settings(globals())}
 
 
+# ==============================================================================================
+# Part I. The build: which items the quantizer learns from, their Semantic IDs, the statistics.
+
+def build_ids(want, config, ds, also_fit=None):
+    """The Semantic IDs of ds's items under the scheme settings want (rqvae.make_ids), with their
+    statistics. Cold start (Sec. 4.3): the unseen items never reach the quantizer, and get codes
+    all the same. also_fit (App. E): other datasets' items that train the quantizer too.
+    Returns (codes, stats, the trained RQ-VAE or None)."""
+    device = data.pick_device(config['device'])
+    seen = None
+    if config['cold_start'] > 0:
+        unseen = data.unseen_items(ds, config['cold_start'])
+        seen = data.seen_items(ds, unseen)
+        print(f"cold start: {len(unseen)} unseen items ({config['cold_start']:g} of the test "
+              f"targets); the IDs are fitted on the other {seen.sum()}")
+    if also_fit is not None:
+        print(f"the {config['ids']} quantizer also learns from the {len(also_fit)} items of "
+              f"{config['fit_with']} (App. E); only {ds.name}'s items get codes")
+    codes, extra, model = rqvae.make_ids(ds.item_emb, want, device, seen, also_fit)
+    stats = {**rqvae.all_stats(codes, want, extra, ds.items), 'device': device,
+             'codes_md5': data.md5(codes)}   # ties stats.json to this very codes.npy
+    return codes, stats, model
+
+
+# ==============================================================================================
+# Part II. The workshop: may an earlier build be reused, and writing a new one safely.
+
 def scheme_config(config, ds, also_fit=None):
     """The settings that decide the IDs: the dataset (and a fingerprint of its embeddings), the
     scheme, the seed, and that scheme's hyperparameters. Settings of other schemes are left out, so
@@ -54,9 +84,13 @@ def scheme_config(config, ds, also_fit=None):
     if config['cold_start'] > 0:
         variant['cold_start'] = config['cold_start']
     if also_fit is not None:
-        variant.update(fit_with=','.join(data.fit_with_names(config['fit_with'])), fit_with_md5=data.md5(also_fit))
+        variant.update(fit_with=','.join(data.fit_with_names(config['fit_with'])),
+                       fit_with_md5=data.md5(also_fit))
+    if os.path.normpath(ds.folder) != os.path.join(data.DATA_DIR, ds.name):   # not a shipped one:
+        variant['dataset_dir'] = ds.folder    # which folder, so another one of that name is refused
     return {**{k: config[k] for k in keys}, 'dataset': ds.name, 'n_items': ds.n_items,
-            'item_emb_md5': data.md5(ds.item_emb), 'level_sizes': rqvae.level_sizes(config), **variant}
+            'item_emb_md5': data.md5(ds.item_emb), 'level_sizes': rqvae.level_sizes(config),
+            **variant}
 
 
 def check_artefacts(folder, want, ds, out_dir):
@@ -71,6 +105,12 @@ def check_artefacts(folder, want, ds, out_dir):
         return 'config.json is corrupt'
     if not isinstance(have, dict):
         return 'config.json is corrupt'
+    if have.get('dataset_dir') != want.get('dataset_dir'):  # two folders, one name: never replace
+        shipped = f"the shipped data/{ds.name}"
+        raise data.InputError(f"{folder} holds the IDs of another dataset folder named '{ds.name}' "
+                              f"({have.get('dataset_dir', shipped)}; this one is "
+                              f"{want.get('dataset_dir', shipped)}); building here would replace "
+                              f"them. Give this one its own --out_dir, or rebuild with --force")
     if have != want:
         changed = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
         return f"the settings changed ({', '.join(changed)})"
@@ -87,10 +127,12 @@ def check_artefacts(folder, want, ds, out_dir):
                                              weights_only=True))
         except Exception as e:
             return f'rqvae.pt cannot be loaded ({type(e).__name__})'
-        # (a GPU and a CPU may round a near-tie differently: allow a few rows in a thousand to differ)
+        # (a GPU and a CPU may round a near-tie differently: allow a few rows in a thousand to
+        # differ)
         differ = (rqvae.rqvae_codes(model.eval(), ds.item_emb)[0] != codes[:, :-1]).any(1).mean()
         if differ > 0.001:
-            return f'rqvae.pt does not reproduce codes.npy ({differ:.1%} of the items get other codes)'
+            return (f'rqvae.pt does not reproduce codes.npy ({differ:.1%} of the items get '
+                    f'other codes)')
     return None
 
 
@@ -130,35 +172,28 @@ def main(argv):
     rqvae.check_config(config, ds.n_items)
     torch.manual_seed(config['seed'])
     np.random.seed(config['seed'])
-    also_fit = data.fit_with_embeddings(config['fit_with'])  # App. E: other datasets' items train the RQ-VAE too
+    # App. E: other datasets' items train the RQ-VAE too
+    also_fit = data.fit_with_embeddings(config['fit_with'])
     want = scheme_config(config, ds, also_fit)
-    folder = data.ids_folder(config['out_dir'], ds.name, config['ids'], config['cold_start'], config['fit_with'])
+    folder = data.ids_folder(config['out_dir'], ds.name, config['ids'], config['cold_start'],
+                             config['fit_with'])
     with data.folder_lock(folder):  # one prepare.py at a time per ID folder
-        reason = 'forced with --force' if config['force'] else check_artefacts(folder, want, ds, config['out_dir'])
+        reason = ('forced with --force' if config['force']
+                  else check_artefacts(folder, want, ds, config['out_dir']))
         if reason is None:
             print(f"reusing the {config['ids']} IDs in {folder} (same settings; --force rebuilds)")
-            codes = data.load_codes(ds, config['ids'], config['out_dir'], cold_start=config['cold_start'],
-                                    fit_with=config['fit_with'])
+            codes = data.load_codes(ds, config['ids'], config['out_dir'],
+                                    cold_start=config['cold_start'], fit_with=config['fit_with'])
             with open(os.path.join(folder, 'stats.json'), encoding='utf-8') as f:
                 stats = json.load(f)
             rqvae.report(config['ids'], stats)
             return codes, stats, True
 
-        print(f"building the {config['ids']} IDs for {ds.name} ({ds.n_items} items) in {folder}: {reason}")
+        print(f"building the {config['ids']} IDs for {ds.name} ({ds.n_items} items) in {folder}: "
+              f"{reason}")
         t0 = time.time()
-        device = data.pick_device(config['device'])
-        seen = None
-        if config['cold_start'] > 0:  # cold start (Sec. 4.3): the unseen items never reach the quantizer
-            unseen = data.unseen_items(ds, config['cold_start'])
-            seen = data.seen_items(ds, unseen)
-            print(f"cold start: {len(unseen)} unseen items ({config['cold_start']:g} of the test targets); "
-                  f"the IDs are fitted on the other {seen.sum()}")
-        if also_fit is not None:
-            print(f"the {config['ids']} quantizer also learns from the {len(also_fit)} items of "
-                  f"{config['fit_with']} (App. E); only {ds.name}'s items get codes")
-        codes, extra, model = rqvae.make_ids(ds.item_emb, want, device, seen, also_fit)
-        stats = {**rqvae.all_stats(codes, want, extra, ds.items), 'build_seconds': round(time.time() - t0, 1),
-                 'device': device, 'codes_md5': data.md5(codes)}   # ties stats.json to this very codes.npy
+        codes, stats, model = build_ids(want, config, ds, also_fit)
+        stats['build_seconds'] = round(time.time() - t0, 1)
         files = {'codes.npy': lambda f: np.save(f, codes, allow_pickle=False),
                  'stats.json': lambda f: f.write((json.dumps(stats, indent=1) + '\n').encode())}
         if model is not None:

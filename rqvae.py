@@ -1,5 +1,5 @@
 """
-rqvae.py -- the Semantic-ID chapter of nanoTIGER: item content embeddings in, unique integer IDs out.
+rqvae.py -- the Semantic-ID chapter of nanoTIGER: content embeddings in, unique integer IDs out.
 
 TIGER's first stage (paper Sec. 3.1, and Sec. 4 "RQ-VAE Implementation Details"):
 
@@ -14,7 +14,8 @@ TIGER's first stage (paper Sec. 3.1, and Sec. 4 "RQ-VAE Implementation Details")
   6. statistics: codebook usage, perplexity, collisions, and the hierarchy of Fig. 4 as text
 
 Every scheme has the same interface: make_ids(emb, cfg) -> (codes, extra stats, model), where
-codes is an (n_items, L) int64 table whose rows are all different. `python rqvae.py` trains on
+codes is an (n_items, L) int64 table whose rows are all different. These six chapters are Part I;
+Part II checks the settings at the door and holds `python rqvae.py`. `python rqvae.py` trains on
 one dataset and prints the statistics; `python prepare.py` is the script that writes the artefacts.
 """
 import math
@@ -29,13 +30,17 @@ from tqdm import tqdm
 
 import data
 
+# ==============================================================================================
+# Part I. The method.
+
 # ----------------------------------------------------------------------------------------------
 # Config. prepare.py takes these same settings (its DEFAULTS start from these), so a flag like
 # --n_epochs=500 means the same thing to both scripts.
 
 dataset = 'beauty'
-ids = 'rqkmeans'          # rqkmeans: the CPU default (beyond the paper; better downstream here, see the
-                          # README) | rqvae: the paper's (config/rqvae_paper.py) | lsh | random (Table 2)
+ids = 'rqkmeans'          # rqkmeans: the CPU default (beyond the paper; better downstream here,
+                          # see the README) | rqvae: the paper's (config/rqvae_paper.py)
+                          # | lsh | random (Table 2)
 seed = 1337
 device = 'auto'           # auto (cuda if available, else cpu) | cpu | cuda
 # the RQ-VAE (Sec. 4, "RQ-VAE Implementation Details"); paper values in the comments
@@ -47,7 +52,7 @@ optimizer = 'adamw'       # paper: 'adagrad' with lr 0.4, which diverged in our 
 lr = 1e-3                 # paper: 0.4 (with Adagrad)
 batch_size = 1024         # paper: batch size 1024
 n_epochs = 50             # paper: 20000, for high codebook usage; dead-code resets make 50 enough
-kmeans_iters = 20         # Lloyd iterations of the k-means codebook initialisation (paper: not stated)
+kmeans_iters = 20         # Lloyd iterations of k-means codebook initialisation (paper: not stated)
 reset_dead_codes = True   # beyond the paper: re-seed codewords unused in an epoch
 # the baselines of Table 2
 lsh_codes = 4             # paper: m = 4 codes ...
@@ -55,55 +60,15 @@ lsh_bits = 8              # ... each from h = 8 random hyperplanes, so 2^8 = 256
 random_codes = 4          # paper: Random IDs are m = 4 codes ...
 random_codebook_size = 255  # ... drawn uniformly from 255 values
 collision_size = 256      # the collision code has this many values; a larger group is an error
-cold_start = 0.0          # > 0: IDs for the cold-start experiment (Sec. 4.3; paper 0.05): this share of
-                          # the test targets is unseen (data.unseen_items), left out of the RQ-VAE's
-                          # training and of the collision numbering; written to out/<dataset>/<ids>-cold<share>/
-fit_with = ''             # other datasets whose items also train the RQ-VAE, e.g. 'sports,toys': Semantic IDs
-                          # learnt on the items of several datasets, then used for this one (App. E, Table 10);
-                          # written to out/<dataset>/<ids>-with-<datasets>/
+cold_start = 0.0          # > 0: IDs for the cold-start experiment (Sec. 4.3; paper 0.05): this
+                          # share of the test targets is unseen (data.unseen_items), left out of the
+                          # RQ-VAE's training and of the collision numbering; written to
+                          # out/<dataset>/<ids>-cold<share>/
+fit_with = ''             # other datasets whose items also train the RQ-VAE, e.g. 'sports,toys':
+                          # Semantic IDs learnt on the items of several datasets, then used for this
+                          # one (App. E, Table 10); written to out/<dataset>/<ids>-with-<datasets>/
 DEFAULTS = data.settings(globals())  # prepare.py takes these same settings
-# the settings each scheme depends on: prepare.py rebuilds a scheme's IDs when one of these changes
-SCHEME_KEYS = {
-    'rqvae': ['n_levels', 'codebook_size', 'latent_dim', 'beta', 'optimizer', 'lr', 'batch_size', 'n_epochs',
-              'kmeans_iters', 'reset_dead_codes', 'collision_size'],
-    'rqkmeans': ['n_levels', 'codebook_size', 'kmeans_iters', 'collision_size'],
-    'lsh': ['lsh_codes', 'lsh_bits', 'collision_size'],
-    'random': ['random_codes', 'random_codebook_size', 'collision_size'],
-}
-assert tuple(SCHEME_KEYS) == data.ID_SCHEMES
-RANGES = {  # what check_config accepts (data.check_settings)
-    **{k: '[1, inf)' for k in ('n_levels', 'latent_dim', 'batch_size', 'n_epochs', 'kmeans_iters', 'lsh_codes',
-                               'random_codes')},
-    # a level of size K makes the decoder's prefix tables (n_prefixes, K): keep K in the thousands
-    'codebook_size': '[2, 4096]', 'random_codebook_size': '[2, 4096]', 'lsh_bits': '[1, 12]',
-    'collision_size': '[1, inf)', 'seed': '[0, inf)', 'cold_start': '[0, 0.5]',
-    'beta': '[0, inf)', 'lr': '(0, 10]', 'ids': data.ID_SCHEMES, 'optimizer': ('adamw', 'adagrad'),
-    'device': ('auto', 'cpu', 'cuda'),
-}
 
-
-def check_config(config, n_items):
-    """The settings' ranges, and whether the dataset is big enough for them."""
-    data.check_settings(config, RANGES)
-    others = data.fit_with_names(config['fit_with'])
-    if others and config['ids'] not in data.LEARNT_IDS:
-        raise data.InputError(f"--fit_with trains the quantizer on more items; it works with --ids=rqvae or "
-                              f"rqkmeans only (got --ids={config['ids']})")
-    if others and config['cold_start'] > 0:
-        raise data.InputError("--fit_with and --cold_start cannot be combined (the other datasets would "
-                              "bring in items the cold-start experiment keeps unseen)")
-    if data.dataset_name(config['dataset']) in others:
-        raise data.InputError(f"--fit_with={config['fit_with']} names the dataset itself; list the other "
-                              f"datasets only, e.g. --dataset=beauty --fit_with=sports,toys")
-    if config['ids'] in data.LEARNT_IDS:
-        # k-means needs at least one point per codeword: the RQ-VAE initialises its codebooks on
-        # one batch, RQ-KMeans clusters all items
-        points = min(n_items, config['batch_size']) if config['ids'] == 'rqvae' else n_items
-        if points < config['codebook_size']:
-            raise data.InputError(f"codebook_size {config['codebook_size']} is larger than the {points} "
-                                  f"{'items of the first batch' if config['ids'] == 'rqvae' else 'items'} the "
-                                  f"codebooks are initialised from; use --codebook_size={points} or fewer"
-                                  + (" (or a larger --batch_size)" if points < n_items else ""))
 
 # ----------------------------------------------------------------------------------------------
 # 1. k-means in plain torch. Used twice: to initialise the RQ-VAE codebooks on the first batch
@@ -180,15 +145,15 @@ class ResidualQuantizer(nn.Module):
     def forward(self, z):
         """z (B, D) -> codes (B, L), codewords (L, B, D), residuals (L+1, B, D).
 
-        residuals[d] is r_d, the input of level d; residuals[L] is what is left after the last level,
-        so z == codewords.sum(0) + residuals[L] (up to rounding). Codeword e_{c_d} comes out of the
-        codebook with its gradient (the codebook loss trains it); the next residual subtracts it
-        detached, so each codebook is trained only by its own level's term of the loss."""
+        residuals[d] is r_d, the input of level d; residuals[L] is what is left after the last
+        level, so z == codewords.sum(0) + residuals[L] (up to rounding). Codeword e_{c_d} comes out
+        of the codebook with its gradient (the codebook loss trains it); the next residual subtracts
+        it detached, so each codebook is trained only by its own level's term of the loss."""
         r, codes, codewords, residuals = z, [], [], [z]
         for cb in self.codebooks:                                       # cb: (K, D)
             c = sq_dist(r.detach(), cb.detach()).argmin(1)              # (B,) nearest codeword
             # e = cb[c], written as a one-hot matrix product: its backward is a matrix product too,
-            # so training is bit-for-bit reproducible (the backward of cb[c] adds rows in thread order)
+            # so training is bit-for-bit reproducible (cb[c]'s backward adds rows in thread order)
             e = nn.functional.one_hot(c, cb.shape[0]).to(cb.dtype) @ cb  # (B, D)
             r = r - e.detach()
             codes.append(c); codewords.append(e); residuals.append(r)
@@ -202,14 +167,15 @@ def mlp(dims):
     for i in range(len(dims) - 1):
         layers.append(nn.Linear(dims[i], dims[i + 1]))
         if i < len(dims) - 2:
-            layers.append(nn.ReLU())    # no activation after the last layer: the latent is unbounded
+            layers.append(nn.ReLU())  # no activation after the last layer: the latent is unbounded
     return nn.Sequential(*layers)
 
 
 class RQVAE(nn.Module):
     def __init__(self, in_dim=768, latent_dim=32, n_levels=3, codebook_size=256):
         super().__init__()
-        self.encoder = mlp([in_dim, 512, 256, 128, latent_dim])    # paper: 768 -> 512 -> 256 -> 128 -> 32
+        # paper: 768 -> 512 -> 256 -> 128 -> 32
+        self.encoder = mlp([in_dim, 512, 256, 128, latent_dim])
         self.quantizer = ResidualQuantizer(n_levels, codebook_size, latent_dim)
         self.decoder = mlp([latent_dim, 128, 256, 512, in_dim])    # the mirror image
 
@@ -219,12 +185,15 @@ class RQVAE(nn.Module):
         The loss of Sec. 3.1: L = L_recon + L_rqvae, with
           L_recon = ||x - x_hat||^2
           L_rqvae = sum_d ||sg[r_d] - e_{c_d}||^2 + beta ||r_d - sg[e_{c_d}]||^2
-        Squared norms are summed over dimensions and averaged over the batch, as the equations read."""
-        z = self.encoder(x)                                             # (B, 32)
-        codes, e, r = self.quantizer(z)                                 # (B, L), (L, B, 32), (L+1, B, 32)
-        codebook = ((r[:-1].detach() - e) ** 2).sum(-1).mean(1).sum()   # moves the codewords to the residuals
-        commit = ((r[:-1] - e.detach()) ** 2).sum(-1).mean(1).sum()     # keeps the encoder near its codewords
-        z_q = e.sum(0)                                                  # (B, 32) the quantized latent
+        Squared norms are summed over dimensions and averaged over the batch, as the equations
+        read."""
+        z = self.encoder(x)                                     # (B, 32)
+        codes, e, r = self.quantizer(z)                         # (B, L), (L, B, 32), (L+1, B, 32)
+        # moves the codewords to the residuals
+        codebook = ((r[:-1].detach() - e) ** 2).sum(-1).mean(1).sum()
+        # keeps the encoder near its codewords
+        commit = ((r[:-1] - e.detach()) ** 2).sum(-1).mean(1).sum()
+        z_q = e.sum(0)                                          # (B, 32) the quantized latent
         # Straight-through estimator: the forward pass decodes z_q, the backward pass copies the
         # decoder's gradient to z as if quantisation were the identity, so the encoder learns.
         z_q = z + (z_q - z).detach()
@@ -234,9 +203,11 @@ class RQVAE(nn.Module):
         return x_hat, codes, {'loss': loss, 'recon': recon, 'codebook': codebook, 'commit': commit}
 
 
-def train_rqvae(emb, n_levels=3, codebook_size=256, latent_dim=32, beta=0.25, optimizer='adamw', lr=1e-3,
-                batch_size=1024, n_epochs=50, kmeans_iters=20, reset_dead_codes=True, seed=0, device='cpu', progress=True):
-    """Train an RQ-VAE on emb (N, 768). Returns the model (eval mode, on device) and per-epoch logs."""
+def train_rqvae(emb, n_levels=3, codebook_size=256, latent_dim=32, beta=0.25, optimizer='adamw',
+                lr=1e-3, batch_size=1024, n_epochs=50, kmeans_iters=20, reset_dead_codes=True,
+                seed=0, device='cpu', progress=True):
+    """Train an RQ-VAE on emb (N, 768).
+    Returns the model (eval mode, on device) and per-epoch logs."""
     torch.manual_seed(seed)
     x = torch.as_tensor(emb, dtype=torch.float32, device=device)       # (N, 768), all of it fits
     model = RQVAE(x.shape[1], latent_dim, n_levels, codebook_size).to(device)
@@ -246,8 +217,9 @@ def train_rqvae(emb, n_levels=3, codebook_size=256, latent_dim=32, beta=0.25, op
     with torch.no_grad():
         model.quantizer.init_kmeans(model.encoder(first), kmeans_iters, seed)
     # The paper's optimizer is Adagrad with lr 0.4. We start its accumulator at 0.1, the default of
-    # TensorFlow and JAX (the paper's likely stack); torch's default 0 makes the first step move every
-    # weight by a full +-lr = 0.4. Even so it diverged on this data in our test, so the default is AdamW.
+    # TensorFlow and JAX (the paper's likely stack); torch's default 0 makes the first step move
+    # every weight by a full +-lr = 0.4. Even so it diverged on this data in our test, so the
+    # default is AdamW.
     if optimizer == 'adagrad':
         opt = torch.optim.Adagrad(model.parameters(), lr=lr, initial_accumulator_value=0.1)
     elif optimizer == 'adamw':
@@ -295,7 +267,8 @@ def train_rqvae(emb, n_levels=3, codebook_size=256, latent_dim=32, beta=0.25, op
 
 @torch.no_grad()
 def rqvae_codes(model, emb, device='cpu'):
-    """Codes (N, L) of every item and its reconstruction error ||x - x_hat||^2, averaged over items."""
+    """Codes (N, L) of every item and its reconstruction error ||x - x_hat||^2, averaged over
+    items."""
     x = torch.as_tensor(emb, dtype=torch.float32, device=device)
     x_hat, codes, _ = model(x)
     return codes.cpu().numpy(), ((x - x_hat) ** 2).sum(-1).mean().item()
@@ -325,9 +298,10 @@ def add_collision_token(codes, collision_size=256, seen=None):
     if n and token.max() >= collision_size:
         i = order[start[np.argmax(np.arange(n) - start)]]
         raise data.InputError(
-            f"{token.max() + 1} items share the codes {codes[i].tolist()}, more than the {collision_size} values "
-            f"of the collision token; spread the items out (train the RQ-VAE longer with --n_epochs, turn on "
-            f"--reset_dead_codes=True) or raise --collision_size")
+            f"{token.max() + 1} items share the codes {codes[i].tolist()}, more than the "
+            f"{collision_size} values of the collision token; spread the items out (train the "
+            f"RQ-VAE longer with --n_epochs, turn on --reset_dead_codes=True) or raise "
+            f"--collision_size")
     return np.concatenate([codes, token[:, None]], axis=1)
 
 # ----------------------------------------------------------------------------------------------
@@ -337,8 +311,8 @@ def add_collision_token(codes, collision_size=256, seen=None):
 def lsh_hash(x, planes):
     """The LSH code of Table 2: code j = sum_i 2^(i-1) 1[w_ji . x > 0].
     x (N, D), planes (m, h, D): h hyperplanes for each of m codes -> (N, m) codes in [0, 2^h)."""
-    bits = (torch.einsum('nd,mhd->nmh', x, planes) > 0).long()          # (N, m, h)
-    return (bits * 2 ** torch.arange(planes.shape[1])).sum(-1)          # bit i (from 1) weighs 2^(i-1)
+    bits = (torch.einsum('nd,mhd->nmh', x, planes) > 0).long()  # (N, m, h)
+    return (bits * 2 ** torch.arange(planes.shape[1])).sum(-1)  # bit i (from 1) weighs 2^(i-1)
 
 
 def lsh_ids(emb, n_codes=4, n_bits=8, seed=0):
@@ -357,10 +331,10 @@ def random_ids(n_items, n_codes=4, codebook_size=255, seed=0):
 
 def rqkmeans_ids(emb, n_levels=3, codebook_size=256, n_iter=20, seed=0, device='cpu', fit=None):
     """RQ-KMeans (beyond the paper): residual k-means directly on the embeddings, no autoencoder.
-    fit: (M, D) the embeddings the centroids are learnt from (cold start: the seen items only; App. E:
-    more datasets' items too); None = emb itself. Every row of emb then takes, level by level, the
-    centroid nearest to its residual. Returns codes (N, n_levels) and the squared norm of the final
-    residual, averaged over emb's items."""
+    fit: (M, D) the embeddings the centroids are learnt from (cold start: the seen items only;
+    App. E: more datasets' items too); None = emb itself. Every row of emb then takes, level by
+    level, the centroid nearest to its residual. Returns codes (N, n_levels) and the squared norm of
+    the final residual, averaged over emb's items."""
     r = torch.as_tensor(emb, dtype=torch.float32, device=device)                     # (N, D)
     r_fit = r if fit is None else torch.as_tensor(fit, dtype=torch.float32, device=device)  # (M, D)
     codes = []
@@ -383,33 +357,33 @@ def level_sizes(cfg):
     elif scheme == 'random':
         sizes = [cfg['random_codebook_size']] * cfg['random_codes']
     else:
-        raise data.InputError(f"unknown ID scheme '{scheme}'; use --ids= one of {', '.join(data.ID_SCHEMES)}")
+        raise data.InputError(f"unknown ID scheme '{scheme}'; use --ids= one of "
+                              f"{', '.join(data.ID_SCHEMES)}")
     return sizes + [cfg['collision_size']]
 
 
 def make_ids(emb, cfg, device='cpu', seen=None, also_fit=None):
-    """The one entry point: emb (N, 768), cfg a dict of the settings above (cfg['ids'] is the scheme).
+    """The one entry point: emb (N, 768), cfg a dict of the settings above (cfg['ids']: the scheme).
     seen: (N,) bool, cold start: only these items' embeddings train the RQ-VAE (or RQ-KMeans's
     centroids) and only they are numbered by the collision token; every item gets its codes.
     also_fit: (M, 768), rqvae or rqkmeans, the items of other datasets (App. E): they train the
     quantizer beside emb's items but get no codes, so the collision token numbers this dataset's
     items only. Returns codes (N, L) int64 with the collision
     token last, extra statistics, and the model (or None)."""
-    scheme, model, extra = cfg['ids'], None, {}
-    level_sizes(cfg)  # rejects an unknown scheme before any work
-    if also_fit is not None and scheme not in data.LEARNT_IDS:
-        raise data.InputError("--fit_with works with --ids=rqvae or rqkmeans only")
-    fit = emb if seen is None else emb[np.asarray(seen, dtype=bool)]       # never an unseen embedding
+    scheme, model, extra = cfg['ids'], None, {}   # (check_config has checked cfg at the door)
+    fit = emb if seen is None else emb[np.asarray(seen, dtype=bool)]  # never an unseen embedding
     if also_fit is not None:
-        fit = np.concatenate([fit, also_fit])                              # (N + M, 768)
+        fit = np.concatenate([fit, also_fit])                         # (N + M, 768)
     if scheme == 'rqvae':
-        model, log = train_rqvae(fit, cfg['n_levels'], cfg['codebook_size'], cfg['latent_dim'], cfg['beta'],
-                                 cfg['optimizer'], cfg['lr'], cfg['batch_size'], cfg['n_epochs'],
-                                 cfg['kmeans_iters'], cfg['reset_dead_codes'], cfg['seed'], device)
+        model, log = train_rqvae(fit, cfg['n_levels'], cfg['codebook_size'], cfg['latent_dim'],
+                                 cfg['beta'], cfg['optimizer'], cfg['lr'], cfg['batch_size'],
+                                 cfg['n_epochs'], cfg['kmeans_iters'], cfg['reset_dead_codes'],
+                                 cfg['seed'], device)
         codes, extra['recon_error'] = rqvae_codes(model, emb, device)
     elif scheme == 'rqkmeans':
-        codes, extra['quantization_error'] = rqkmeans_ids(emb, cfg['n_levels'], cfg['codebook_size'],
-                                                          cfg['kmeans_iters'], cfg['seed'], device, fit)
+        codes, extra['quantization_error'] = rqkmeans_ids(emb, cfg['n_levels'],
+                                                          cfg['codebook_size'], cfg['kmeans_iters'],
+                                                          cfg['seed'], device, fit)
     elif scheme == 'lsh':
         codes = lsh_ids(emb, cfg['lsh_codes'], cfg['lsh_bits'], cfg['seed'])
     else:
@@ -435,7 +409,8 @@ def id_stats(codes, sizes):
         p = counts[counts > 0] / n
         usage.append(float((counts > 0).sum() / sizes[l]))
         perplexity.append(float(np.exp(-(p * np.log(p)).sum())))
-    _, group_size = np.unique(codes[:, :m], axis=0, return_counts=True)  # groups of equal semantic codes
+    # groups of equal semantic codes
+    _, group_size = np.unique(codes[:, :m], axis=0, return_counts=True)
     _, prefix3 = np.unique(codes[:, :3], axis=0, return_counts=True)
     return {'n_items': int(n), 'id_length': int(m + 1), 'usage': usage, 'perplexity': perplexity,
             'distinct_prefixes': int(len(group_size)),
@@ -462,13 +437,15 @@ def category_structure(codes, items, top=5, per_code=3):
     first = codes[:, 0]
     same_code = Counter(first[known].tolist())
     same_both = Counter((f, c) for f, c, k in zip(first.tolist(), cat, known) if k)
-    base = pairs(Counter(c for c in cat if c is not None)) / max(1, known.sum() * (known.sum() - 1) // 2)
+    base = (pairs(Counter(c for c in cat if c is not None))
+            / max(1, known.sum() * (known.sum() - 1) // 2))
     def top_categories(members, names):
         counts = Counter(names[i] or '(no category)' for i in members)
         return ', '.join(f'{c} {k / len(members):.0%}' for c, k in counts.most_common(per_code))
     lines = []
     for code, count in Counter(first.tolist()).most_common(top):
-        lines.append(f'first code {code:3d} ({count} items): {top_categories(np.flatnonzero(first == code), cat)}')
+        members = np.flatnonzero(first == code)
+        lines.append(f'first code {code:3d} ({count} items): {top_categories(members, cat)}')
     # one level down, as in Fig. 4: the second codes inside the most populated first code, with
     # the full category paths of their items (the finer level should split the coarse category)
     full = [' > '.join(it.get('categories') or []) or None for it in items]
@@ -477,7 +454,8 @@ def category_structure(codes, items, top=5, per_code=3):
     second = codes[inside, 1] if codes.shape[1] > 1 else np.zeros(0, dtype=np.int64)
     for code2, count in Counter(second.tolist()).most_common(per_code):
         members = inside[second == code2]
-        lines.append(f'  first code {code}, second code {code2:3d} ({count} items): {top_categories(members, full)}')
+        lines.append(f'  first code {code}, second code {code2:3d} ({count} items): '
+                     f'{top_categories(members, full)}')
     return {'same_category_share': pairs(same_both) / max(1, pairs(same_code)),
             'pairs_base_rate': base, 'fig4_text': lines}
 
@@ -489,7 +467,8 @@ def report(scheme, stats):
     print(f"  perplexity per level:     {' '.join(f'{p:.1f}' for p in stats['perplexity'])}")
     for k in ('recon_error', 'quantization_error'):
         if k in stats:
-            print(f"  {k.replace('_', ' ')}: {stats[k]:.4f} (mean squared norm of the embeddings: 1.0)")
+            print(f"  {k.replace('_', ' ')}: {stats[k]:.4f} "
+                  f"(mean squared norm of the embeddings: 1.0)")
     print(f"  distinct 3-code prefixes: {stats['distinct_3code_prefixes']} "
           f"({stats['unique_3code_prefix_share']:.1%} of items alone in theirs)")
     print(f"  items in collisions: {stats['items_in_collisions']}, largest collision group: "
@@ -503,12 +482,61 @@ def report(scheme, stats):
 
 
 def all_stats(codes, cfg, extra, items):
-    return {**id_stats(codes, level_sizes(cfg)), **extra, 'category': category_structure(codes, items)}
+    return {**id_stats(codes, level_sizes(cfg)), **extra,
+            'category': category_structure(codes, items)}
+
+# ==============================================================================================
+# Part II. The workshop: the settings checked at the door, and `python rqvae.py`.
+
+# the settings each scheme depends on: prepare.py rebuilds a scheme's IDs when one of these changes
+SCHEME_KEYS = {
+    'rqvae': ['n_levels', 'codebook_size', 'latent_dim', 'beta', 'optimizer', 'lr', 'batch_size',
+              'n_epochs', 'kmeans_iters', 'reset_dead_codes', 'collision_size'],
+    'rqkmeans': ['n_levels', 'codebook_size', 'kmeans_iters', 'collision_size'],
+    'lsh': ['lsh_codes', 'lsh_bits', 'collision_size'],
+    'random': ['random_codes', 'random_codebook_size', 'collision_size'],
+}
+assert tuple(SCHEME_KEYS) == data.ID_SCHEMES
+RANGES = {  # what check_config accepts (data.check_settings)
+    **{k: '[1, inf)' for k in ('n_levels', 'latent_dim', 'batch_size', 'n_epochs', 'kmeans_iters',
+                               'lsh_codes', 'random_codes')},
+    # a level of size K makes the decoder's prefix tables (n_prefixes, K): keep K in the thousands
+    'codebook_size': '[2, 4096]', 'random_codebook_size': '[2, 4096]', 'lsh_bits': '[1, 12]',
+    'collision_size': '[1, inf)', 'seed': '[0, inf)', 'cold_start': '[0, 0.5]',
+    'beta': '[0, inf)', 'lr': '(0, 10]', 'ids': data.ID_SCHEMES, 'optimizer': ('adamw', 'adagrad'),
+    'device': ('auto', 'cpu', 'cuda'),
+}
+
+
+def check_config(config, n_items):
+    """The settings' ranges, and whether the dataset is big enough for them."""
+    data.check_settings(config, RANGES)
+    others = data.fit_with_names(config['fit_with'])
+    if others and config['ids'] not in data.LEARNT_IDS:
+        raise data.InputError(f"--fit_with trains the quantizer on more items; it works with "
+                              f"--ids=rqvae or rqkmeans only (got --ids={config['ids']})")
+    if others and config['cold_start'] > 0:
+        raise data.InputError("--fit_with and --cold_start cannot be combined (the other datasets "
+                              "would bring in items the cold-start experiment keeps unseen)")
+    if data.dataset_name(config['dataset']) in others:
+        raise data.InputError(f"--fit_with={config['fit_with']} names the dataset itself; list the "
+                              f"other datasets only, e.g. --dataset=beauty --fit_with=sports,toys")
+    if config['ids'] in data.LEARNT_IDS:
+        # k-means needs at least one point per codeword: the RQ-VAE initialises its codebooks on
+        # one batch, RQ-KMeans clusters all items
+        points = min(n_items, config['batch_size']) if config['ids'] == 'rqvae' else n_items
+        if points < config['codebook_size']:
+            source = 'items of the first batch' if config['ids'] == 'rqvae' else 'items'
+            raise data.InputError(f"codebook_size {config['codebook_size']} is larger than the "
+                                  f"{points} {source} the codebooks are initialised from; use "
+                                  f"--codebook_size={points} or fewer"
+                                  + (" (or a larger --batch_size)" if points < n_items else ""))
+
 
 # ----------------------------------------------------------------------------------------------
 if __name__ == '__main__':
-    # `python rqvae.py [config file] [--key=value ...]`: build one ID scheme and print its statistics
-    # (nothing is written; prepare.py writes the artefacts).
+    # `python rqvae.py [config file] [--key=value ...]`: build one ID scheme and print its
+    # statistics (nothing is written; prepare.py writes the artefacts).
     try:
         config = data.configure(DEFAULTS, sys.argv[1:])
         ds = data.load_dataset(config['dataset'])
@@ -517,7 +545,8 @@ if __name__ == '__main__':
         dev = data.pick_device(config['device'])
         unseen = data.unseen_items(ds, config['cold_start'])
         seen = data.seen_items(ds, unseen) if len(unseen) else None
-        codes, extra, _ = make_ids(ds.item_emb, config, dev, seen, data.fit_with_embeddings(config['fit_with']))
+        codes, extra, _ = make_ids(ds.item_emb, config, dev, seen,
+                                   data.fit_with_embeddings(config['fit_with']))
         report(config['ids'], all_stats(codes, config, extra, ds.items))
         print(f"  took {time.time() - t0:.0f} s on {dev}")
     except data.InputError as e:

@@ -2,8 +2,9 @@
 test_all.py -- nanoTIGER's specification: `python -m pytest -q test_all.py` (minutes on a CPU).
 
 Every test is seeded and pins one behaviour with values that would catch a real bug (each was
-checked by breaking the code on purpose). Sections follow the chapters: data.py, rqvae.py +
-prepare.py, tiger.py + eval.py, end to end on a slice of Beauty, and what a user can get wrong.
+checked by breaking the code on purpose). Part I follows the reading: data.py, rqvae.py, tiger.py
+(model, decoding, training), eval.py, then end to end on a slice of Beauty; Part II is the
+workshop: settings, files and artefacts, runs (resume, overwrite, faults), the report.
 """
 import copy
 import errno
@@ -32,7 +33,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 # ==============================================================================================
-# data.py
+# Part I. The method, chapter by chapter
+
+# ==============================================================================================
+# 1. data.py: the dataset and the leave-one-out split
 
 @pytest.fixture(scope="module")
 def beauty():
@@ -94,53 +98,7 @@ def test_cold_start_split_has_no_unseen_item_in_any_training_example(beauty):
     assert np.isin(test.target, unseen).sum() > 0 and len(data.unseen_items(beauty, 0.0)) == 0
 
 
-def _write_dataset(folder, seq_lines, items=3, emb=None):
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "sequences.txt"), "w") as f:
-        f.write("\n".join(seq_lines) + "\n")
-    with open(os.path.join(folder, "items.jsonl"), "w") as f:
-        for i in range(1, items + 1):
-            f.write(f'{{"item": {i}, "title": "item {i}"}}\n')
-    np.save(os.path.join(folder, "item_emb.npy"), np.ones((items, 8), np.float16) if emb is None else emb)
-    return folder
-
-
-@pytest.mark.parametrize("case, expected", [
-    ("missing", "item_emb.npy: file missing"),
-    ("rows", "shape (2, 8), but items.jsonl lists 3 items"),
-    ("nan", "hold NaN or inf, first at row 1 (item id 2)"),
-    ("range", "line 2: item id 4 is out of range"),
-    ("malformed", "line 1: 'u1 1 x 3' is malformed"),
-    ("short", "line 2: user u2 has 2 item(s)"),
-])
-def test_bad_inputs_give_one_clear_error(tmp_path, case, expected):
-    folder = str(tmp_path / case)
-    good = ["u1 1 2 3", "u2 3 2 1"]
-    if case == "missing":
-        _write_dataset(folder, good)
-        os.remove(os.path.join(folder, "item_emb.npy"))
-    elif case == "rows":
-        _write_dataset(folder, good, emb=np.ones((2, 8), np.float16))
-    elif case == "nan":
-        emb = np.ones((3, 8), np.float16)
-        emb[1, 4] = np.nan
-        _write_dataset(folder, good, emb=emb)
-    elif case == "range":
-        _write_dataset(folder, ["u1 1 2 3", "u2 1 4 2"])
-    elif case == "malformed":
-        _write_dataset(folder, ["u1 1 x 3", "u2 3 2 1"])
-    elif case == "short":
-        _write_dataset(folder, ["u1 1 2 3", "u2 3 2"])
-    with pytest.raises(data.InputError, match=expected.replace("(", r"\(").replace(")", r"\)")) as err:
-        data.load_dataset(folder)
-    assert folder in str(err.value)  # the message names the file
-    # and the command line shows it as one line, not a traceback
-    if case == "range":
-        out = subprocess.run([sys.executable, "-c", f"import data, sys\ntry: data.load_dataset({folder!r})\n"
-                              f"except data.InputError as e: sys.exit(f'error: {{e}}')"],
-                             cwd=HERE, capture_output=True, text=True)
-        assert out.returncode == 1 and out.stderr.startswith("error:") and "Traceback" not in out.stderr
-
+# ---- the user token, the token layout, batching --------------------------------------------
 
 def test_user_hash_is_stable_across_processes():
     ids = ["A1YJEY40YUW4SE", "u42", "1"]
@@ -196,98 +154,10 @@ def test_length_pools_cut_padding(beauty):
     assert padded[False] > 2.5 * real and padded[True] < 1.1 * real
 
 
-# ---- config from the command line ------------------------------------------------------------
-
-DEFAULTS = {"lr": 0.01, "steps": 100, "dataset": "beauty", "compile": False}
-
-
-def test_configure_overrides_defaults_with_a_file_then_flags(tmp_path):
-    cfg_file = tmp_path / "c.py"
-    cfg_file.write_text("# a config file\nsteps = 200\nlr = 1\n")
-    cfg = data.configure(DEFAULTS, [str(cfg_file), "--dataset=toys", "--compile", "--steps=300"])
-    assert cfg == {"lr": 1.0, "steps": 300, "dataset": "toys", "compile": True}
-    assert data.configure(DEFAULTS, ["--dataset=2024"])["dataset"] == "2024"   # a string stays text
-
-
-@pytest.mark.parametrize("argv, contents, expected", [
-    (["--stesp=3"], None, "unknown setting 'stesp'"),
-    (["--steps=1e3"], None, "'steps' must be a int"),
-    (["--lr=1e999"], None, "'lr' must be a finite number"),
-    (["--steps"], None, "write settings as --steps=value"),
-    ([], "import os\n", "only `name = value` lines"),
-    ([], "steps = (\n", "line 1: not a valid `name = value` line"),
-    ([], "steps = int('3')\n", "line 1: the value must be a literal"),
-    ([], "steps = [1, 2]\n", "'steps' must be a int"),
-    ([], b"steps = 3  # \xff\xfe\n", "is not UTF-8 text"),
-])
-def test_configure_rejects_bad_settings_in_one_line(tmp_path, argv, contents, expected):
-    if contents is not None:
-        path = tmp_path / "c.py"
-        path.write_bytes(contents if isinstance(contents, bytes) else contents.encode())
-        argv = [str(path)] + argv
-    with pytest.raises(data.InputError, match=expected.replace("(", r"\(").replace("[", r"\[")):
-        data.configure(DEFAULTS, argv)
-
-
-def test_check_settings_reads_brackets_as_closed_and_parentheses_as_open():
-    rules = {"a": "[0, 1)", "b": "(0, inf)", "c": ("x", "y")}
-    data.check_settings({"a": 0.0, "b": 1e-9, "c": "x"}, rules)
-    for bad in ({"a": 1.0}, {"b": 0.0}, {"c": "z"}, {"a": -0.1}):
-        with pytest.raises(data.InputError):
-            data.check_settings({"a": 0.5, "b": 1.0, "c": "y", **bad}, rules)
-
-
-def test_help_lists_the_settings_and_exits_cleanly():
-    out = subprocess.run([sys.executable, "tiger.py", "--help"], cwd=HERE, capture_output=True, text=True)
-    assert out.returncode == 0 and "--lr=0.003" in out.stdout and "--user_token=False" in out.stdout
-
-
-# ---- artefacts on disk -------------------------------------------------------------------------
-
-def test_failed_write_is_one_error_and_leaves_nothing_behind(tmp_path):
-    def disk_full(f):
-        f.write(b"half a file")
-        raise OSError(errno.ENOSPC, "No space left on device")
-    with pytest.raises(data.InputError, match=r"cannot write .*x\.npy: No space left on device"):
-        data.write_atomic(str(tmp_path / "x.npy"), disk_full)
-    assert os.listdir(tmp_path) == []
-    with pytest.raises(data.InputError, match="cannot write"):   # a folder that does not exist
-        data.write_json(str(tmp_path / "nowhere" / "x.json"), {})
-    (tmp_path / "file").write_text("")
-    with pytest.raises(data.InputError, match="cannot create"):  # a folder where a file is
-        data.make_dirs(str(tmp_path / "file" / "sub"))
-
-
-def test_folder_lock_admits_one_writer_and_cleans_up_after_a_killed_one(tmp_path):
-    folder = tmp_path / "run"
-    folder.mkdir()
-    (folder / ".lock").write_text("12345")                      # left by a process that was killed
-    (folder / (data.TMP_PREFIX + "ckpt.pt123")).write_bytes(b"half a checkpoint")
-    with data.folder_lock(str(folder)):
-        assert (folder / ".lock").read_text() == str(os.getpid())
-        assert sorted(os.listdir(folder)) == [".lock"]          # the killed writer's temp file is gone
-        with pytest.raises(data.InputError, match=f"in use by another running process .pid {os.getpid()}"):
-            with data.folder_lock(str(folder)):                 # nobody else gets in meanwhile
-                pass
-    with data.folder_lock(str(folder)):                         # released at the end
-        pass
-    code = f"import data, time\nwith data.folder_lock({str(folder)!r}):\n    print('in', flush=True)\n" \
-           f"    time.sleep(60)"
-    holder = subprocess.Popen([sys.executable, "-c", code], cwd=HERE, stdout=subprocess.PIPE, text=True)
-    assert holder.stdout.readline() == "in\n"                  # another process holds it
-    with pytest.raises(data.InputError, match="in use by another running process"):
-        with data.folder_lock(str(folder)):
-            pass
-    holder.kill()                                               # killed: the OS releases its lock
-    holder.wait()
-    with data.folder_lock(str(folder)):
-        pass
-
-
 # ==============================================================================================
-# rqvae.py and prepare.py
+# 2. rqvae.py: Semantic IDs
 
-# ---- k-means ----------------------------------------------------------------------------------
+# ---- k-means -------------------------------------------------------------------------------
 
 def test_kmeans_matches_brute_force_and_objective_never_rises():
     g = torch.Generator().manual_seed(0)
@@ -317,7 +187,8 @@ def test_lloyd_step_moves_an_empty_cluster_to_the_farthest_point():
     assert objective == pytest.approx(0.25 * 4 + 39.5 ** 2)
     assert rqvae.lloyd_step(x, centroids) < objective    # and the objective went down
 
-# ---- residual quantizer and RQ-VAE -------------------------------------------------------------
+
+# ---- the residual quantizer and the RQ-VAE -------------------------------------------------
 
 def test_residual_quantizer_sums_to_encoder_output_and_picks_nearest_codes():
     torch.manual_seed(0)
@@ -380,7 +251,8 @@ def test_rqvae_training_runs_and_uses_its_codebooks():
     assert codes.shape == (600, 2) and np.isfinite(recon) and len(log) == 3
     assert all(len(np.unique(codes[:, d])) >= 6 for d in range(2))
 
-# ---- collision token ---------------------------------------------------------------------------
+
+# ---- the collision token; IDs for cold start and for several datasets ----------------------
 
 def test_collision_token_makes_ids_unique_and_keeps_prefixes():
     codes = np.array([[1, 2, 3], [0, 0, 0], [1, 2, 3], [4, 5, 6], [1, 2, 3], [0, 0, 0]])
@@ -440,9 +312,14 @@ def test_ids_fitted_with_other_datasets_learn_from_their_items_and_number_only_t
     # only this dataset's items get IDs; the collision token numbers them among themselves
     assert codes.shape == (300, 3)
     assert np.array_equal(codes, rqvae.add_collision_token(codes[:, :2]))
-    with pytest.raises(data.InputError, match="rqvae or rqkmeans only"):
-        rqvae.make_ids(emb, {**cfg, "ids": "lsh"}, also_fit=others)
 
+
+def test_collision_group_larger_than_the_token_range_is_an_error():
+    with pytest.raises(data.InputError, match='collision'):
+        rqvae.add_collision_token(np.zeros((5, 3), dtype=np.int64), collision_size=4)
+
+
+# ---- RQ-KMeans, LSH and Random IDs; statistics ---------------------------------------------
 
 def test_rqkmeans_centroids_learn_from_the_fit_items_only_and_every_item_takes_its_nearest():
     emb, seen, other = cold_start_embeddings()
@@ -469,30 +346,6 @@ def test_rqkmeans_centroids_learn_from_the_fit_items_only_and_every_item_takes_i
     assert (rqvae.make_ids(emb, cfg)[0][:, :2] != codes[:, :2]).any()
     assert np.array_equal(codes, rqvae.add_collision_token(codes[:, :2]))
 
-
-def test_ids_fitted_with_other_datasets_have_their_own_folder():
-    assert data.ids_folder("out", "beauty", "rqvae", fit_with="toys, sports") == os.path.join(
-        "out", "beauty", "rqvae-with-sports+toys")
-    assert data.ids_folder("out", "beauty", "rqvae", fit_with="") == os.path.join("out", "beauty", "rqvae")
-
-
-@pytest.mark.parametrize("flags, expected", [
-    (["--fit_with=books"], "unknown dataset books"),
-    (["--fit_with=beauty"], "names the dataset itself"),
-    (["--fit_with=toys", "--ids=lsh"], "rqvae or rqkmeans only"),
-    (["--fit_with=toys", "--cold_start=0.05"], "cannot be combined"),
-])
-def test_prepare_checks_fit_with_at_the_door(tmp_path, flags, expected):
-    with pytest.raises(data.InputError, match=expected):
-        prepare.main(flags + [f'--out_dir={tmp_path}'])
-    assert not os.path.exists(tmp_path / 'beauty')
-
-
-def test_collision_group_larger_than_the_token_range_is_an_error():
-    with pytest.raises(data.InputError, match='collision'):
-        rqvae.add_collision_token(np.zeros((5, 3), dtype=np.int64), collision_size=4)
-
-# ---- LSH and random IDs ------------------------------------------------------------------------
 
 def test_lsh_code_equals_the_formula_on_a_hand_made_example():
     planes = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]])          # m = 1 code, h = 3 bits
@@ -528,7 +381,860 @@ def test_category_structure_counts_pairs():
     assert c['same_category_share'] == pytest.approx(1 / 3)   # code 0: 3 pairs, one shares 'A > x'
     assert c['pairs_base_rate'] == pytest.approx(1 / 6)       # 4 items with 2 levels: 6 pairs, 1 same
 
-# ---- prepare.py and the Semantic-ID reader -----------------------------------------------------
+
+# ==============================================================================================
+# 3. tiger.py: the model, decoding, training
+
+# ---- the model -----------------------------------------------------------------------------
+
+LEVELS_60 = [(2, 15), (17, 15), (32, 15), (47, 13)]  # 4 code levels in a 60-token vocabulary
+
+
+def tiny(vocab_size=60, levels=LEVELS_60, **changes):
+    """A tiny TIGER built from its config alone (seeded)."""
+    config = tiger.TIGERConfig(vocab_size, levels, n_layer=2, n_head=2, head_dim=8, d_model=16, d_ff=32,
+                               dropout=0.0, softmax="level")
+    torch.manual_seed(0)
+    return tiger.TIGER(replace(config, **changes))
+
+
+def tiny_codes():
+    # 14 items over levels of sizes 3, 4, 3 plus a collision code: a small but branching prefix tree
+    rng = np.random.default_rng(0)
+    codes = np.unique(np.stack([rng.integers(0, 3, 40), rng.integers(0, 4, 40), rng.integers(0, 3, 40)], 1), axis=0)
+    codes = codes[rng.permutation(len(codes))[:14]]
+    codes = np.concatenate([codes, np.zeros((14, 1), np.int64)], 1)
+    codes[1, :3] = codes[0, :3]    # one collision: items 1 and 2 share a prefix ...
+    codes[1, 3] = 1                # ... and the collision code tells them apart
+    return codes
+
+
+def random_inputs(B=3, T=9, L=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(2, 60, (B, T), generator=g), torch.randint(2, 60, (B, L), generator=g)
+
+
+def test_decoder_is_causal():
+    model = tiny().eval()
+    enc, dec = random_inputs()
+    states, _ = model(enc, dec)                  # (3, 4, d): what every score is computed from
+    dec2 = dec.clone()
+    dec2[:, 2:] = torch.randint(2, 60, (3, 2))  # change later decoder inputs
+    states2, _ = model(enc, dec2)
+    assert torch.allclose(states[:, :2], states2[:, :2], atol=1e-6)
+    assert not torch.allclose(states[:, 2:], states2[:, 2:], atol=1e-3)
+
+
+def test_encoder_ignores_padding():
+    model = tiny().eval()
+    enc, dec = random_inputs()
+    memory, _ = model.encode(enc)
+    padded = torch.cat([enc, torch.full((3, 5), data.PAD)], 1)
+    assert torch.allclose(memory, model.encode(padded)[0][:, :9], atol=1e-5)
+    assert torch.allclose(model(padded, dec)[0], model(enc, dec)[0], atol=1e-5)
+
+
+def test_relative_position_buckets_are_t5s():
+    enc = tiger.RelativePositionBias(n_head=1, bidirectional=True)   # 16 buckets each way, 8 exact
+    rel = torch.tensor([0, -1, 1, -3, 3, -7, -8, -20, -127, -1000, 1000])
+    # exact up to 7; then 8 + floor(log(d / 8) / log(128 / 8) * 8), capped at 15; keys after the
+    # query (rel > 0) use buckets 16..31
+    assert enc.bucket(rel).tolist() == [0, 1, 17, 3, 19, 7, 8, 10, 15, 15, 31]
+    dec = tiger.RelativePositionBias(n_head=1, bidirectional=False)  # 32 buckets into the past, 16 exact
+    rel = torch.tensor([0, -1, 5, -15, -16, -40, -127, -1000])
+    assert dec.bucket(rel).tolist() == [0, 1, 0, 15, 16, 23, 31, 31]
+
+
+@pytest.mark.parametrize("softmax", ["level", "full"])
+def test_code_logprobs_and_loss(softmax):
+    model = tiny(softmax=softmax).eval()
+    enc, dec = random_inputs()
+    target = torch.tensor([[first + 1 for first, _ in LEVELS_60]] * 3)   # code 1 of every level
+    states, loss = model(enc, dec, target)
+    logp = [model.code_logprobs(states[:, l], l) for l in range(4)]      # each (3, n_codes of level l)
+    assert [p.shape[1] for p in logp] == [15, 15, 15, 13]
+    W = model.lm_head.weight                                             # (vocab, d): a row per token
+    for l, (first, n) in enumerate(LEVELS_60):
+        if softmax == "level":   # a softmax over the level's own rows only: a proper distribution
+            want = torch.log_softmax(states[:, l] @ W[first:first + n].T, -1)
+            assert torch.allclose(logp[l].exp().sum(-1), torch.ones(3), atol=1e-5)
+        else:                    # T5's softmax over the whole vocabulary, read at the level's tokens
+            want = torch.log_softmax(states[:, l] @ W.T, -1)[:, first:first + n]
+            assert (logp[l].exp().sum(-1) < 0.99).all()
+        assert torch.allclose(logp[l], want, atol=1e-5)
+    # the loss is the mean over users and levels of -log p(target code)
+    assert torch.allclose(loss, -torch.stack([p[:, 1] for p in logp]).mean(), atol=1e-6)
+
+
+def test_two_tigers_of_different_shapes_live_side_by_side():
+    small = tiny().eval()
+    enc, dec = random_inputs()
+    before = small(enc, dec)[0]
+    wide = tiny(n_head=3, head_dim=16, d_model=24, softmax="full").eval()   # built after the first
+    assert wide(enc, dec)[0].shape == (3, 4, 24)
+    assert torch.equal(small(enc, dec)[0], before)                     # the first is untouched
+    assert small.config.softmax == "level" and wide.config.d_model == 24
+    # a checkpoint's config alone rebuilds a model with the same outputs
+    again = tiger.TIGER(tiger.TIGERConfig(**json.loads(json.dumps(vars(small.config)))))
+    again.load_state_dict(small.state_dict())
+    assert torch.equal(again.eval()(enc, dec)[0], before)
+
+
+def test_dropout_acts_where_t5_puts_it_and_only_in_training():
+    # T5 drops the attention probabilities, the MLP's hidden units, each sublayer's output (the
+    # residual stream) and the embeddings; each is checked with the others switched off
+    model = tiny(dropout=0.5, n_layer=1)            # one layer: these four are all the encoder's dropouts
+    block = model.encoder[0]
+    x, bias = torch.randn(4, 6, 16), torch.zeros(1, 2, 6, 6)
+    enc, _ = random_inputs()
+    places = {"attention probabilities": (lambda: block.self_attn(x, x, bias), block.self_attn, "attn_dropout"),
+              "MLP hidden units": (lambda: block.mlp(x), block.mlp[2], "p"),
+              "residual stream": (lambda: block(x, bias), block.resid_dropout, "p"),
+              "embeddings": (lambda: model.encode(enc)[0], model.emb_dropout, "p")}
+    rates = {name: getattr(m, a) for name, (_, m, a) in places.items()}
+    for name, (run, module, attr) in places.items():
+        for other, (_, m, a) in places.items():               # only this one on
+            setattr(m, a, rates[name] if other == name else 0.0)
+        model.eval()
+        evaluated = run()
+        assert torch.equal(run(), evaluated), name                     # evaluation: no dropout
+        model.train()
+        assert not torch.allclose(run(), evaluated, atol=1e-3), name   # training: this dropout acts
+
+
+def test_the_model_reads_the_user_token_and_every_history_item():
+    # input dropout belongs to the training step; the model itself, in training or in evaluation,
+    # sees the whole input: hiding the user token or one history item changes its output
+    model = tiny()
+    enc = torch.cat([torch.full((3, 1), 59), torch.randint(2, 59, (3, 12))], 1)  # [user, 3 items of 4]
+    dec = torch.randint(2, 59, (3, 4))
+    hidden = [[0]] + [list(range(1 + 4 * i, 5 + 4 * i)) for i in range(3)]    # the user, each item
+    for mode in (model.eval, model.train):
+        mode()
+        full = model(enc, dec)[0]
+        for columns in hidden:
+            without = enc.clone()
+            without[:, columns] = data.PAD
+            assert not torch.allclose(model(without, dec)[0], full, atol=1e-4), columns
+    assert torch.equal(model.eval()(enc, dec)[0], model.train()(enc, dec)[0])   # dropout 0: same
+
+
+def test_without_the_user_token_the_encoder_reads_the_history_alone():
+    tok = data.Tokenizer(np.array([[0, 1, 0, 0], [2, 1, 3, 0], [2, 1, 3, 1]]))
+    ex = data.Examples(user=np.array([0, 1]), history=np.array([[1, 0], [3, 2]]),
+                       length=np.array([1, 2]), target=np.array([2, 1]), position=np.array([1, 2]))
+    with_user = data.make_batch(ex, [0, 1], tok, tok.user_tokens(["a", "b"]))
+    without = data.make_batch(ex, [0, 1], tok, None)
+    assert torch.equal(without["enc"], with_user["enc"][:, 1:])             # the same, minus column 0
+    assert not (without["enc"] >= tok.user_offset).any()                    # no user token anywhere
+    # item dropout without a user token never leaves an example with nothing to read
+    torch.manual_seed(0)
+    enc = torch.randint(2, 59, (400, 4))                                     # one item each
+    dropped = tiger.drop_input_tokens(enc, 4, item_dropout=0.9, user_dropout=0.0, user_token=False)
+    assert torch.equal(dropped, enc)
+    enc = torch.randint(2, 59, (400, 8))                                     # two items each
+    dropped = tiger.drop_input_tokens(enc, 4, item_dropout=0.5, user_dropout=0.0, user_token=False)
+    assert ((dropped != data.PAD).any(1)).all() and (dropped == data.PAD).any()
+
+
+# ---- decoding: the cache, beam search, sampling --------------------------------------------
+
+def test_incremental_decoding_with_cache_equals_full_forward():
+    model = tiny().eval()
+    enc, dec = random_inputs(B=2, T=7, L=5)
+    full, _ = model(enc, dec)
+    memory, cross_bias = model.encode(enc)
+    caches = [{"self": {}, "cross": {}} for _ in model.decoder]
+    steps = [model.decode(dec[:, t:t + 1], memory, cross_bias, caches, start=t) for t in range(5)]
+    assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)
+
+
+def sequence_logprobs(model, enc, tokenizer, n_levels=None):
+    """Brute force: the exact log-probability of every item's Semantic ID (or of its first n_levels
+    codes) for each user, (B, n_items): one teacher-forced pass per (user, item), summing log p(code)
+    over the levels."""
+    items = tokenizer.item_tokens[1:]                                       # (n_items, L)
+    B, n = enc.shape[0], len(items)
+    target = items.repeat(B, 1)
+    dec_in = torch.cat([torch.full((B * n, 1), data.BOS), target[:, :-1]], 1)
+    states, _ = model(enc.repeat_interleave(n, 0), dec_in)
+    logp = sum(model.code_logprobs(states[:, l], l).gather(1, target[:, l:l + 1] - first)[:, 0]
+               for l, (first, _) in enumerate(tokenizer.levels[:n_levels]))
+    return logp.view(B, n)
+
+
+@pytest.mark.parametrize("softmax", ["level", "full"])
+def test_beam_search_matches_brute_force(softmax):
+    codes = tiny_codes()
+    tok = data.Tokenizer(codes, n_user_buckets=10)
+    tables = tiger.PrefixTables(tok)
+    model = tiny(tok.vocab_size, tok.levels, softmax=softmax).eval()
+    enc = torch.cat([torch.full((4, 1), tok.user_offset), tok.item_tokens[torch.randint(1, 15, (4, 3))].flatten(1)], 1)
+    brute = sequence_logprobs(model, enc, tok)                              # (4, 14)
+    # a beam as large as the item set is exact: the top-K items by sequence log-probability
+    got, scores = tiger.beam_search(model, enc, tables, beam_size=14)
+    items = tables.items_of(got)
+    want_scores, want_items = brute.sort(dim=1, descending=True)
+    assert torch.equal(items, want_items + 1)
+    assert torch.allclose(scores, want_scores, atol=1e-5)
+    # a smaller beam still returns only real items, each scored with its exact log-probability
+    got, scores = tiger.beam_search(model, enc, tables, beam_size=3)
+    items = tables.items_of(got)
+    assert (items > 0).all() and items.shape == (4, 3)
+    assert torch.allclose(scores, brute.gather(1, items - 1), atol=1e-5)
+
+
+def test_unconstrained_beam_search_can_return_ids_that_are_no_item():
+    codes = tiny_codes()
+    tok = data.Tokenizer(codes, n_user_buckets=10)
+    tables = tiger.PrefixTables(tok)
+    model = tiny(tok.vocab_size, tok.levels).eval()
+    enc = torch.cat([torch.full((4, 1), tok.user_offset), tok.item_tokens[torch.randint(1, 15, (4, 3))].flatten(1)], 1)
+    got, _ = tiger.beam_search(model, enc, tables, beam_size=50, constrained=False)
+    items = tables.items_of(got)
+    assert (items == 0).any() and set(items[items > 0].tolist()) <= set(range(1, 15))
+    assert torch.equal(tables.items_of(torch.from_numpy(codes)), torch.arange(1, 15))
+    real = {tuple(c) for c in codes.tolist()}
+    fake = next(t for t in itertools.product(*[range(n) for n in tok.level_sizes]) if t not in real)
+    assert tables.items_of(torch.tensor([fake])).item() == 0  # a well-formed ID that is no item
+
+
+def sampling_setup(n_users):
+    codes = tiny_codes()
+    tok = data.Tokenizer(codes, n_user_buckets=10)
+    tables = tiger.PrefixTables(tok)
+    model = tiny(tok.vocab_size, tok.levels).eval()
+    history = tok.item_tokens[torch.tensor([3, 7, 1])].flatten()
+    enc = torch.cat([torch.tensor([tok.user_offset]), history]).repeat(n_users, 1)  # one user, n times
+    return codes, tok, tables, model, enc
+
+
+def exact_q(model, enc, tok, tables, temperature):
+    """Brute force: q_T(item) = prod_l softmax(logits_l / T), renormalised over the allowed codes."""
+    n, L = len(tok.codes), tok.id_length
+    target = tok.item_tokens[1:]
+    dec_in = torch.cat([torch.full((n, 1), data.BOS), target[:, :-1]], 1)
+    states, _ = model(enc[:1].repeat(n, 1), dec_in)
+    logq, prefix = torch.zeros(n), torch.zeros(n, dtype=torch.long)
+    for l, (first, _) in enumerate(tok.levels):
+        logp = model.code_logprobs(states[:, l], l).masked_fill(~tables.allowed[l][prefix], float("-inf"))
+        code = target[:, l] - first
+        logq += torch.log_softmax(logp / temperature, -1).gather(1, code[:, None])[:, 0]
+        prefix = tables.next[l][prefix, code]
+    return logq.exp()                                                       # (n_items,), sums to 1
+
+
+def test_sampling_returns_distinct_valid_items():
+    _, _, tables, model, enc = sampling_setup(50)
+    g = torch.Generator().manual_seed(0)
+    codes, scores = tiger.beam_search(model, enc, tables, beam_size=14, temperature=1.0, generator=g)
+    items = tables.items_of(codes)
+    assert torch.isfinite(scores).all()
+    assert (items.sort(1).values == torch.arange(1, 15)).all()              # all 14 items, each once
+    assert len({tuple(row) for row in items.tolist()}) > 1                  # in different orders
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_sampling_draws_without_replacement_from_the_tempered_distribution(temperature):
+    # the first item is a draw from q_T, the second a draw from q_T without the first:
+    # P(second = j) = sum_i q(i) q(j) / (1 - q(i)). 4,000 samples match both closely.
+    _, tok, tables, model, enc = sampling_setup(4000)
+    g = torch.Generator().manual_seed(1)
+    codes, _ = tiger.beam_search(model, enc, tables, beam_size=3, temperature=temperature, generator=g)
+    items = tables.items_of(codes)
+    with torch.no_grad():
+        q = exact_q(model, enc, tok, tables, temperature).double()
+    assert q.sum().item() == pytest.approx(1.0, abs=1e-5)
+    second = q * (q / (1 - q)).sum() - q * q / (1 - q)                      # j != i
+    for position, want in ((0, q), (1, second)):
+        drawn = torch.bincount(items[:, position], minlength=15)[1:].double() / 4000
+        assert 0.5 * (drawn - want).abs().sum().item() < 0.05, position    # total variation distance
+
+
+def test_higher_temperature_flattens_the_first_code():
+    codes, _, tables, model, enc = sampling_setup(3000)
+    n_first = len(np.unique(codes[:, 0]))
+    entropy = []
+    for temperature in (0.2, 1.0, 20.0):
+        g = torch.Generator().manual_seed(2)
+        out, _ = tiger.beam_search(model, enc, tables, beam_size=1, temperature=temperature, generator=g)
+        p = torch.bincount(out[:, 0, 0], minlength=n_first).double() / len(out)
+        entropy.append(-(p[p > 0] * p[p > 0].log()).sum().item())
+    assert entropy[0] < entropy[1] < entropy[2] and entropy[2] > 0.95 * np.log(n_first)
+
+
+# ---- cold-start decoding -------------------------------------------------------------------
+
+def test_unseen_candidates_are_the_unseen_items_under_the_best_prefixes():
+    codes = tiny_codes()                       # items 1 and 2 share their first three codes
+    tok = data.Tokenizer(codes, n_user_buckets=10)
+    unseen = np.array([1, 2, 6, 11])           # items 1 and 2: two unseen items under one prefix
+    seen = np.setdiff1d(np.arange(1, 15), unseen)
+    seen_tables = tiger.PrefixTables(tok, items=seen)
+    assert torch.equal(seen_tables.items_of(torch.from_numpy(codes[seen - 1])), torch.from_numpy(seen))
+    all_tables = tiger.PrefixTables(tok)
+    table = tiger.unseen_table(all_tables, codes, unseen)
+    model = tiny(tok.vocab_size, tok.levels).eval()
+    enc = torch.cat([torch.full((4, 1), tok.user_offset), tok.item_tokens[torch.randint(1, 15, (4, 3))].flatten(1)], 1)
+    # the seen ranking: the seen items by their exact log-probability, never an unseen one
+    got, scores = tiger.beam_search(model, enc, seen_tables, beam_size=len(seen))
+    want_scores, want = sequence_logprobs(model, enc, tok)[:, seen - 1].sort(dim=1, descending=True)
+    assert torch.equal(tiger.ranked_items(seen_tables, got, scores), torch.from_numpy(seen)[want])
+    assert torch.allclose(scores, want_scores, atol=1e-5)
+    # a beam over all 13 prefixes finds every unseen item once, scored log p(its first three codes)
+    assert table.shape[1] == 2                 # (items 1 and 2 share a row of the table)
+    new, scores = tiger.unseen_candidates(model, enc, all_tables, table, beam_size=13)
+    prefix_logp = sequence_logprobs(model, enc, tok, n_levels=3)             # (4, 14)
+    for b in range(4):
+        found = new[b][new[b] > 0]
+        assert sorted(found.tolist()) == unseen.tolist()
+        assert torch.allclose(scores[b][new[b] > 0], prefix_logp[b, found - 1], atol=1e-5)
+    # a narrower beam keeps only the unseen items under its best prefixes
+    new, _ = tiger.unseen_candidates(model, enc, all_tables, table, beam_size=3)
+    best, _ = tiger.beam_search(model, enc, all_tables, beam_size=3, n_levels=3)   # (4, 3, 3)
+    for b in range(4):
+        under = [u for u in unseen if codes[u - 1, :3].tolist() in best[b].tolist()]
+        assert sorted(new[b][new[b] > 0].tolist()) == under
+
+
+def test_epsilon_rule_on_a_hand_made_ranking():
+    seen, seen_s = torch.tensor([[11, 12, 13, 14]]), torch.tensor([[-1.0, -2.0, -3.0, -4.0]])
+    # (24: an item id under a filler beam, score -inf: never a candidate)
+    new, new_s = torch.tensor([[21, 22, 23, 24]]), torch.tensor([[-0.5, -1.5, -5.0, float("-inf")]])
+    top = lambda k, eps: tiger.epsilon_top_k(seen, seen_s, new, new_s, k, eps)[0].tolist()
+    assert top(4, 0.0) == [11, 12, 13, 14]                 # epsilon 0: exactly the seen ranking
+    assert top(4, 0.25) == [21, 11, 12, 13]                # at most floor(0.25 * 4) = 1 unseen item
+    assert top(4, 0.5) == [21, 11, 22, 12]                 # 2 allowed, in the order of the scores
+    assert top(4, 1.0) == [21, 11, 22, 12]                 # the cap is not reached: the plain merge
+    assert top(7, 1.0) == [21, 11, 22, 12, 13, 14, 23]
+    assert top(5, 0.3) == [21, 11, 12, 13, 14]             # floor(1.5) = 1
+    assert top(9, 1.0) == [21, 11, 22, 12, 13, 14, 23, 0, 0]   # fewer candidates than k: 0-padded
+    for k in range(1, 8):
+        for eps in (0.0, 0.1, 0.3, 0.5, 1.0):
+            got = torch.tensor(top(k, eps))
+            assert (got > 20).sum() <= int(eps * k + 1e-9)
+    # on a tie a seen item goes first
+    tie = tiger.epsilon_top_k(seen, seen_s, torch.tensor([[21]]), torch.tensor([[-2.0]]), 3, 1.0)
+    assert tie[0].tolist() == [11, 12, 21]
+
+
+# ---- training: input dropout, schedule, weight average -------------------------------------
+
+def test_ema_update_is_the_moving_average():
+    model = tiny()
+    averaged = copy.deepcopy(model)
+    old = [p.detach().clone() for p in averaged.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    tiger.update_ema(averaged, model, step=0, decay=0.9)      # decay ramps up: min(0.9, 1/10) at step 0
+    tiger.update_ema(averaged, model, step=1000, decay=0.9)   # then the configured 0.9
+    for a, o, p in zip(averaged.parameters(), old, model.parameters()):
+        first = 0.1 * o + 0.9 * p
+        assert torch.allclose(a, 0.9 * first + 0.1 * p, atol=1e-6)
+
+
+def test_get_lr_warms_up_then_decays():
+    cosine = lambda step: tiger.get_lr(step, lr=1.0, warmup_steps=100, max_steps=1100, schedule="cosine")
+    assert cosine(0) == pytest.approx(0.01) and cosine(49) == pytest.approx(0.5)   # linear warmup
+    assert cosine(99) == pytest.approx(1.0) and cosine(100) == pytest.approx(1.0)
+    assert cosine(600) == pytest.approx(0.5) and cosine(1100) == pytest.approx(0.0)  # half-way, the end
+    rsqrt = lambda step: tiger.get_lr(step, lr=0.01, warmup_steps=100, max_steps=10 ** 6, schedule="rsqrt")
+    assert rsqrt(0) == rsqrt(99) == rsqrt(100) == 0.01              # the paper: constant, then 1/sqrt
+    assert rsqrt(400) == pytest.approx(0.005) and rsqrt(10000) == pytest.approx(0.001)
+
+
+def test_item_dropout_hides_whole_history_items():
+    torch.manual_seed(0)
+    L, n = 4, 100
+    enc = torch.cat([torch.full((8, 1), 59), torch.randint(2, 59, (8, n * L))], 1)  # [user, 100 items]
+    dropped = tiger.drop_input_tokens(enc, L, item_dropout=0.5, user_dropout=0.0)
+    assert torch.equal(dropped[:, 0], enc[:, 0])                 # the user token stays at user_dropout = 0
+    items, kept = enc[:, 1:].view(8, n, L), dropped[:, 1:].view(8, n, L)
+    gone = (kept == data.PAD).all(-1)                            # (8, n) items that vanished
+    assert torch.equal(kept[~gone], items[~gone])                # the rest are untouched ...
+    assert torch.equal(kept == data.PAD, gone[..., None].expand(-1, -1, L))  # ... and none half-dropped
+    assert 0.4 < gone.float().mean() < 0.6
+
+
+def test_user_dropout_hides_the_user_token_but_never_the_whole_input():
+    torch.manual_seed(0)
+    L = 4
+    enc = torch.cat([torch.full((400, 1), 59), torch.randint(2, 59, (400, 2 * L))], 1)  # [user, 2 items]
+    enc[:200, 1:] = data.PAD                                     # half the rows have no history at all
+    dropped = tiger.drop_input_tokens(enc, L, item_dropout=0.0, user_dropout=0.5)
+    assert torch.equal(dropped[:, 1:], enc[:, 1:])              # items untouched at item_dropout = 0
+    assert torch.equal(dropped[:200], enc[:200])                # a row with no history keeps its user
+    assert 0.4 < (dropped[200:, 0] == data.PAD).float().mean() < 0.6
+    both = tiger.drop_input_tokens(enc, L, item_dropout=0.7, user_dropout=0.5)
+    assert ((both != data.PAD).any(1)).all()                    # every row keeps a key to attend to
+
+
+def test_user_dropout_off_draws_no_random_number():
+    enc = torch.randint(2, 59, (400, 9))
+    torch.manual_seed(3)
+    tiger.drop_input_tokens(enc, 4, item_dropout=0.1, user_dropout=0.0)
+    after = torch.rand(1)
+    torch.manual_seed(3)
+    torch.rand(400, 2)                                           # the item draws alone
+    assert torch.equal(after, torch.rand(1))
+
+
+def test_tiny_model_overfits_tiny_dataset_to_recall_at_1():
+    codes = tiny_codes()
+    tok = data.Tokenizer(codes, n_user_buckets=10)
+    tables = tiger.PrefixTables(tok)
+    # 8 users, each with its own history and next item
+    rng = np.random.default_rng(1)
+    ex = data.Examples(user=np.arange(8), history=rng.integers(1, 15, (8, 3)), length=np.full(8, 3),
+                       target=rng.permutation(14)[:8] + 1, position=np.full(8, 3))
+    user_tok = tok.user_tokens([f"u{i}" for i in range(8)])
+    model = tiny(tok.vocab_size, tok.levels)       # no dropout of any kind
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    batch = data.make_batch(ex, np.arange(8), tok, user_tok)
+    for _ in range(150):
+        _, loss = model(batch["enc"], batch["dec_in"], batch["target"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    codes_out, _ = tiger.beam_search(model.eval(), batch["enc"], tables, beam_size=5)
+    ranks = evaluation.ranks_of(tables.items_of(codes_out), batch["target_item"])
+    assert evaluation.recall_ndcg(ranks, ks=(1,))["recall@1"] == 1.0
+
+
+# ==============================================================================================
+# 4. eval.py: the metrics
+
+def test_semantic_knn_ranks_by_cosine_and_leaves_the_history_out():
+    # items 1..6; item 6 points away from every query below (a negative similarity)
+    emb = np.array([[1, 0], [0.9, 0.3], [0, 1], [0.2, 0.9], [0.7, 0.7], [-1, -0.1]], dtype=np.float32)
+    history, length = np.array([[1, 3], [3, 0]]), np.array([2, 1])   # the first history fills its row
+    last = evaluation.semantic_knn(emb, history, length, 4, "last")
+    # nearest to item 3, item 3 itself left out; item 6 last, and never the padding item 0 (similarity
+    # 0 > item 6's), which a history without padding does not mask by itself
+    assert last.tolist() == [[4, 5, 2, 6], [4, 5, 2, 1]]
+    mean = evaluation.semantic_knn(emb, history, length, 3, "mean")
+    assert mean[0].tolist() == [5, 2, 4] and mean[1].tolist() == [4, 5, 2]   # (1, 1)/2 is nearest item 5
+
+
+def test_diversity_metrics_against_hand_computed_values():
+    items = torch.tensor([[1, 2, 3, 4], [1, 1, 5, 0]])                      # 0: no item
+    category = np.array([-1, 0, 0, 1, -1, 2])                               # item 4: unknown
+    # user 0: categories 0, 0, 1 -> p = (2/3, 1/3); user 1: 0, 0, 2 -> the same entropy
+    h = -(2 / 3 * np.log(2 / 3) + 1 / 3 * np.log(1 / 3))
+    assert evaluation.entropy_at_k(items, category, 4) == pytest.approx(h)
+    assert evaluation.entropy_at_k(items, category, 1) == 0.0
+    assert evaluation.coverage_at_k(items, 5, 4) == 1.0 and evaluation.coverage_at_k(items, 5, 2) == 0.4
+    # exposure of items 1..5 in the top 2: (3, 1, 0, 0, 0); sorted (0, 0, 0, 1, 3)
+    gini = sum((2 * i - 5 - 1) * x for i, x in enumerate([0, 0, 0, 1, 3], 1)) / (5 * 4)
+    assert evaluation.gini_at_k(items, 5, 2) == pytest.approx(gini) == pytest.approx(0.7)
+
+
+def test_category_mix_names_what_each_target_category_is_shown():
+    category, names = np.array([-1, 0, 0, 1, 1, 2]), ["A", "B", "C"]
+    items = torch.tensor([[1, 3, 3, 5], [2, 1, 1, 1], [4, 5, 5, 5]])
+    lines = evaluation.category_mix(items, torch.tensor([1, 2, 3]), category, names, k=4, n_shown=2)
+    # two users with targets in A see A, B, B, C and A, A, A, A; one with a target in B sees B, C, C, C
+    assert lines == ["target A (2 users): top-4 A 62%, B 25%", "target B (1 users): top-4 C 75%, B 25%"]
+
+
+def test_metrics_against_hand_computed_values():
+    ranked = torch.tensor([[7, 1, 2, 3, 4, 5], [1, 2, 3, 4, 7, 5], [1, 2, 3, 4, 5, 6]])
+    targets = torch.tensor([7, 7, 7])  # hit at rank 1, hit at rank 5, miss
+    ranks = evaluation.ranks_of(ranked, targets)
+    assert ranks.tolist() == [1, 5, 0]
+    m = evaluation.recall_ndcg(ranks, ks=(1, 5))
+    assert m["recall@1"] == pytest.approx(1 / 3) and m["recall@5"] == pytest.approx(2 / 3)
+    assert m["ndcg@1"] == pytest.approx(1 / 3)
+    assert m["ndcg@5"] == pytest.approx((1 + 1 / np.log2(6)) / 3)  # 1/log2(1+1) = 1, 1/log2(5+1)
+    assert evaluation.invalid_rate(torch.tensor([[1, 0], [0, 0]])) == 0.75
+    # a ranking of 6 is long enough for K = 5 only
+    assert set(evaluation.metrics(ranked, targets)) == {"recall@5", "ndcg@5"}
+
+
+def test_invalid_id_rate_per_k_on_hand_made_decoded_ids():
+    # 2 users, 20 decoded IDs each, 0 = an ID that is no item (Fig. 6 plots this share against K)
+    items = torch.arange(1, 41).view(2, 20)
+    items[0, 0] = items[0, 7] = items[1, 12] = items[1, 19] = 0
+    m = evaluation.metrics(items, torch.tensor([5, 99]), invalid=True)
+    assert m["invalid@1"] == 0.5 and m["invalid@5"] == 0.1                  # 1 of 2, 1 of 10
+    assert m["invalid@10"] == 0.1 and m["invalid@20"] == 0.1                 # 2 of 20, 4 of 40
+    assert m["invalid_rate"] == 0.1 and m["recall@5"] == 0.5                 # user 0 finds item 5
+
+
+# ==============================================================================================
+# 5. End to end: prepare + train + evaluate on a small slice of Beauty
+
+def make_slice(folder, n_items=1000, min_len=5):
+    """A small, dense slice of Beauty: its n_items most-interacted items, and the users with at least
+    min_len interactions among them (their other items dropped, order kept), renumbered 1..m. About
+    4,500 users and 1,000 items: real data on which a minute of training can learn real patterns (a
+    slice of the first 2,000 users instead has ~7,000 items seen a few times each; there a minute of
+    training loses to the most-popular baseline)."""
+    ds = data.load_dataset("beauty")
+    counts = np.bincount(np.concatenate(ds.sequences), minlength=ds.n_items + 1)
+    counts[0] = 0
+    keep = np.zeros(ds.n_items + 1, bool)
+    keep[np.argsort(-counts, kind="stable")[:n_items]] = True
+    users = [(u, seq[keep[seq]]) for u, seq in zip(ds.users, ds.sequences)]
+    users = [(u, seq) for u, seq in users if len(seq) >= min_len]
+    used = np.unique(np.concatenate([seq for _, seq in users]))
+    new_id = np.zeros(ds.n_items + 1, np.int64)
+    new_id[used] = np.arange(1, len(used) + 1)
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "sequences.txt"), "w") as f:
+        for u, seq in users:
+            f.write(u + " " + " ".join(map(str, new_id[seq])) + "\n")
+    with open(os.path.join(folder, "items.jsonl"), "w") as f:
+        for i, old in enumerate(used, 1):
+            f.write(json.dumps({**ds.items[old - 1], "item": i}) + "\n")
+    np.save(os.path.join(folder, "item_emb.npy"), ds.item_emb[used - 1].astype(np.float16))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def beauty_slice(tmp_path_factory):
+    root = tmp_path_factory.mktemp("slice")
+    folder = make_slice(str(root / "beauty1k"))
+    out = str(root / "out")
+    prepare.main([f"--dataset={folder}", f"--out_dir={out}"])                     # the default IDs
+    prepare.main([f"--dataset={folder}", f"--out_dir={out}", "--ids=rqvae", "--n_epochs=30"])  # the paper's
+    return folder, out
+
+
+# the CPU default's model at a fraction of its steps; no input dropout, so that 300 steps learn
+SMALL_RUN = ["--batch_size=128", "--lr=0.005", "--warmup_steps=20", "--eval_users=500", "--beam_size=10",
+             "--item_dropout=0.0", "--user_dropout=0.0"]
+
+
+def run_args(beauty_slice, run, steps=40, every=20):
+    folder, out = beauty_slice
+    return [f"--dataset={folder}", f"--out_dir={out}", f"--run={run}", f"--max_steps={steps}",
+            f"--eval_every={every}", "--patience=9"] + SMALL_RUN
+
+
+IDS = tiger.DEFAULTS["ids"]  # the main job's Semantic IDs (prepare.py and tiger.py agree on them)
+
+
+assert IDS == rqvae.DEFAULTS["ids"]
+
+
+def run_dir(beauty_slice, run, ids=IDS):
+    return os.path.join(beauty_slice[1], "beauty1k", ids, run)
+
+
+def test_end_to_end_on_a_beauty_slice(beauty_slice):
+    # prepare (in the fixture) + train + evaluate on the dense Beauty slice: the trained model must rank
+    # the held-out items better than recommending the most popular items to everyone
+    results = tiger.main(run_args(beauty_slice, "e2e", steps=300, every=100))
+    for split in ("valid", "test"):
+        assert results[split]["recall@10"] > 1.25 * results[split + "_most_popular"]["recall@10"] > 0
+        assert results[split]["ndcg@10"] > 1.25 * results[split + "_most_popular"]["ndcg@10"]
+    best = os.path.join(run_dir(beauty_slice, "e2e"), "best.pt")
+    # the eval.py driver reproduces the test numbers from the saved checkpoint ...
+    again = evaluation.main([f"--ckpt={best}"])
+    assert again["recall@10"] == pytest.approx(results["test"]["recall@10"])
+    # ... reports the invalid-ID rate of unconstrained decoding (its recall may land on either side of the
+    # constrained one: invalid prefixes take beam slots, but pruning changes which beams survive), and a demo
+    free = evaluation.main([f"--ckpt={best}", "--constrained=False"])
+    assert 0 <= free["invalid_rate"] <= 1 and free["recall@10"] > 0
+    evaluation.main([f"--ckpt={best}", "--demo=1"])
+    # a wider beam than the checkpoint's (10) returns a longer ranking, so Recall@20 is reported too
+    assert "recall@20" in evaluation.main([f"--ckpt={best}", "--beam_size=20", "--split=valid"])
+
+
+def test_the_papers_rqvae_ids_train_end_to_end_too(beauty_slice):
+    # the default uses RQ-KMeans IDs; the paper's RQ-VAE IDs (built in the fixture) must learn as well
+    results = tiger.main(run_args(beauty_slice, "e2e", steps=300, every=100) + ["--ids=rqvae"])
+    assert results["test"]["recall@10"] > 1.25 * results["test_most_popular"]["recall@10"] > 0
+    ckpt = torch.load(os.path.join(run_dir(beauty_slice, "e2e", ids="rqvae"), "best.pt"), weights_only=True)
+    assert ckpt["settings"]["ids"] == "rqvae"
+
+
+def test_recommend_for_any_history_by_ids_or_asins(beauty_slice, trained, capsys):
+    folder, _ = beauty_slice
+    items = data.load_dataset(folder).items
+    best = f"--ckpt={os.path.join(trained, 'best.pt')}"
+    top = evaluation.main([best, f"--history={items[4]['asin']},{items[9]['asin']},3"])
+    assert len(top) == 10 and len(set(top)) == 10 and all(1 <= i <= len(items) for i in top)
+    shown = capsys.readouterr().out
+    assert items[4]["title"] in shown and items[top[0] - 1]["title"] in shown
+    assert evaluation.main([best, "--history=5,10,3"]) == top                 # ids and ASINs alike
+    sampled = evaluation.main([best, "--history=5,10,3", "--temperature=2.0"])
+    assert len(set(sampled)) == 10 and sampled != top
+    with pytest.raises(data.InputError, match="--history: B000NOSUCH, 99999: not an item id"):
+        evaluation.main([best, "--history=5,B000NOSUCH,99999"])
+
+
+def test_cold_start_end_to_end_on_a_beauty_slice(beauty_slice, trained, capsys):
+    folder, out = beauty_slice
+    prepare.main([f"--dataset={folder}", f"--out_dir={out}", "--cold_start=0.1"])
+    main_build = os.path.join(out, "beauty1k", IDS, "config.json")
+    assert "cold_start" not in json.load(open(main_build))                 # the main build is untouched
+    tiger.main(run_args(beauty_slice, "cold", steps=40) + ["--cold_start=0.1"])
+    # it trained on the split without the unseen items (the count it prints)
+    ds = data.load_dataset(folder)
+    unseen = data.unseen_items(ds, 0.1)
+    n_train = len(data.split(ds, unseen)[0])
+    assert n_train < len(data.split(ds)[0]) and f"examples: {n_train:,} train" in capsys.readouterr().out
+    best = os.path.join(out, "beauty1k", IDS + "-cold0.1", "cold", "best.pt")
+    result = evaluation.main([f"--ckpt={best}", "--cold_start"])
+    written = os.path.join(os.path.dirname(best), "cold_start_best_test_beam10.json")
+    assert json.load(open(written))["tiger"] == result["tiger"]
+    _, _, test = data.split(ds)
+    assert result["users"]["unseen_target"] == np.isin(test.target, unseen).sum()
+    assert result["users"]["unseen_target"] > 0
+    assert result["tiger"]["0"]["unseen_target"] == [0.0] * 20   # the seen ranking never holds one
+    assert all(len(v) == 4 and max(v) < 0 for v in result["mean_log_p_per_level"].values())
+    curves = [g for v in (*result["tiger"].values(), *result["semantic_knn"].values()) for g in v.values()]
+    assert all(np.all(np.diff(c) >= 0) for c in curves)           # Recall@K never falls as K grows
+    top = evaluation.main([f"--ckpt={best}", "--history=1,2,3", "--epsilon=1.0"])
+    assert len(top) == 10 and len(set(top)) == 10
+    with pytest.raises(data.InputError, match="--epsilon applies to --history and --demo"):
+        evaluation.main([f"--ckpt={best}", "--epsilon=0.1"])
+    with pytest.raises(data.InputError, match="give one of them"):
+        evaluation.main([f"--ckpt={best}", "--demo=1", "--epsilon=0.1", "--temperature=1.0"])
+    with pytest.raises(data.InputError, match="not trained for cold start"):
+        evaluation.main([f"--ckpt={os.path.join(trained, 'best.pt')}", "--cold_start"])
+
+
+def test_validating_more_often_trains_the_very_same_model(beauty_slice):
+    # a validation pass draws no random number, so how often it runs cannot change the trained weights
+    # (the default validates every 3,000 steps on the strength of this)
+    small = ["--item_dropout=0.1", "--user_token=True", "--user_dropout=0.3"]  # training that draws random numbers
+    tiger.main(run_args(beauty_slice, "often", steps=30, every=10) + small)
+    tiger.main(run_args(beauty_slice, "rarely", steps=30, every=30) + small)
+    a, b = (torch.load(os.path.join(run_dir(beauty_slice, r), "ckpt.pt"), weights_only=True)["model"]
+            for r in ("often", "rarely"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ==============================================================================================
+# Part II. The workshop: what real use needs around the method
+
+# ==============================================================================================
+# 6. Settings checked at the door
+
+DEFAULTS = {"lr": 0.01, "steps": 100, "dataset": "beauty", "compile": False}
+
+
+def test_configure_overrides_defaults_with_a_file_then_flags(tmp_path):
+    cfg_file = tmp_path / "c.py"
+    cfg_file.write_text("# a config file\nsteps = 200\nlr = 1\n")
+    cfg = data.configure(DEFAULTS, [str(cfg_file), "--dataset=toys", "--compile", "--steps=300"])
+    assert cfg == {"lr": 1.0, "steps": 300, "dataset": "toys", "compile": True}
+    assert data.configure(DEFAULTS, ["--dataset=2024"])["dataset"] == "2024"   # a string stays text
+
+
+@pytest.mark.parametrize("argv, contents, expected", [
+    (["--stesp=3"], None, "unknown setting 'stesp'"),
+    (["--steps=1e3"], None, "'steps' must be a int"),
+    (["--lr=1e999"], None, "'lr' must be a finite number"),
+    (["--steps"], None, "write settings as --steps=value"),
+    ([], "import os\n", "only `name = value` lines"),
+    ([], "steps = (\n", "line 1: not a valid `name = value` line"),
+    ([], "steps = int('3')\n", "line 1: the value must be a literal"),
+    ([], "steps = [1, 2]\n", "'steps' must be a int"),
+    ([], b"steps = 3  # \xff\xfe\n", "is not UTF-8 text"),
+])
+def test_configure_rejects_bad_settings_in_one_line(tmp_path, argv, contents, expected):
+    if contents is not None:
+        path = tmp_path / "c.py"
+        path.write_bytes(contents if isinstance(contents, bytes) else contents.encode())
+        argv = [str(path)] + argv
+    with pytest.raises(data.InputError, match=expected.replace("(", r"\(").replace("[", r"\[")):
+        data.configure(DEFAULTS, argv)
+
+
+def test_check_settings_reads_brackets_as_closed_and_parentheses_as_open():
+    rules = {"a": "[0, 1)", "b": "(0, inf)", "c": ("x", "y")}
+    data.check_settings({"a": 0.0, "b": 1e-9, "c": "x"}, rules)
+    for bad in ({"a": 1.0}, {"b": 0.0}, {"c": "z"}, {"a": -0.1}):
+        with pytest.raises(data.InputError):
+            data.check_settings({"a": 0.5, "b": 1.0, "c": "y", **bad}, rules)
+
+
+def test_help_lists_the_settings_and_exits_cleanly():
+    out = subprocess.run([sys.executable, "tiger.py", "--help"], cwd=HERE, capture_output=True, text=True)
+    assert out.returncode == 0 and "--lr=0.003" in out.stdout and "--user_token=False" in out.stdout
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--fit_with=books"], "unknown dataset books"),
+    (["--fit_with=beauty"], "names the dataset itself"),
+    (["--fit_with=toys", "--ids=lsh"], "rqvae or rqkmeans only"),
+    (["--fit_with=toys", "--cold_start=0.05"], "cannot be combined"),
+])
+def test_prepare_checks_fit_with_at_the_door(tmp_path, flags, expected):
+    with pytest.raises(data.InputError, match=expected):
+        prepare.main(flags + [f'--out_dir={tmp_path}'])
+    assert not os.path.exists(tmp_path / 'beauty')
+
+
+@pytest.mark.parametrize("flag, expected", [
+    ("--codebook_size=0", "codebook_size must be in"),
+    ("--lr=-1.0", "lr must be in"),
+    ("--lsh_bits=64", "lsh_bits must be in"),
+    ("--seed=-3", "seed must be in"),
+    ("--ids=hash", "ids must be one of rqvae, rqkmeans, lsh, random"),
+    ("--ids=rqvae --batch_size=100", "codebook_size 256 is larger than the 100 items"),
+])
+def test_prepare_checks_every_setting_at_the_door(tmp_path, flag, expected):
+    with pytest.raises(data.InputError, match=expected):
+        prepare.main(flag.split() + [f'--out_dir={tmp_path}'])
+    assert not os.path.exists(tmp_path / 'beauty')          # nothing was started
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(os.path.dirname(__file__), "config", "*.py"))),
+                         ids=os.path.basename)
+def test_every_shipped_config_file_loads_and_passes_the_checks(path):
+    if os.path.basename(path).startswith("tiger_"):
+        settings = data.configure(tiger.DEFAULTS, [path])
+        tiger.validate_settings({**settings, "device": "cpu"})
+    else:
+        settings = data.configure(prepare.DEFAULTS, [path])
+        rqvae.check_config(settings, n_items=12101)
+    if "paper" in path:
+        assert settings["ids"] == "rqvae"           # the paper's configs run the paper's Semantic IDs
+
+
+def test_a_dataset_smaller_than_the_codebook_is_one_clear_error(tmp_path):
+    folder = _write_dataset(str(tmp_path / "tiny"), ["u1 1 2 3", "u2 3 2 1"], items=3)
+    with pytest.raises(data.InputError, match="codebook_size 256 is larger than the 3 items"):
+        prepare.main([f'--dataset={folder}', '--ids=rqkmeans', f'--out_dir={tmp_path}'])
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "../x", "a/b", ".hidden"])
+def test_a_run_name_cannot_escape_its_folder(beauty_slice, name):
+    with pytest.raises(data.InputError, match="run must be a plain folder name"):
+        tiger.main(run_args(beauty_slice, name))
+
+
+@pytest.mark.parametrize("flag, expected", [
+    ("--grad_clip=0.0", "grad_clip must be in"), ("--grad_clip=-1.0", "grad_clip must be in"),
+    ("--lr=1e9", "lr must be in"), ("--lr=0.0", "lr must be in"), ("--weight_decay=-0.1", "weight_decay"),
+    ("--user_dropout=1.0", "user_dropout must be in"), ("--beam_size=5", "beam_size must be in"),
+    ("--seed=-1", "seed must be in"), ("--softmax=sparse", "softmax must be one of level, full"),
+    ("--ids=hash", "ids must be one of"), ("--n_head=0", "n_head must be in"),
+    ("--user_token=False --user_dropout=0.5", "user_dropout hides the user token"),
+])
+def test_out_of_range_settings_are_refused_before_any_work(beauty_slice, flag, expected):
+    with pytest.raises(data.InputError, match=expected):
+        tiger.main(run_args(beauty_slice, "refused") + flag.split())
+    assert not os.path.exists(run_dir(beauty_slice, "refused"))
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--demo=100000"], "--demo=100000, but the test split has only"),
+    (["--beam_size=5"], "--beam_size must be >= 10"),
+    (["--split=train"], "split must be one of valid, test"),
+    (["--epsilon=1.5"], r"epsilon must be in \[0, 1\]"),
+])
+def test_eval_options_out_of_range_are_one_clear_error(trained, flags, expected):
+    with pytest.raises(data.InputError, match=expected):
+        evaluation.main([f"--ckpt={os.path.join(trained, 'best.pt')}"] + flags)
+
+
+# ==============================================================================================
+# 7. Files and artefacts on disk
+
+# ---- the shipped files and atomic writes ---------------------------------------------------
+
+def _write_dataset(folder, seq_lines, items=3, emb=None):
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "sequences.txt"), "w") as f:
+        f.write("\n".join(seq_lines) + "\n")
+    with open(os.path.join(folder, "items.jsonl"), "w") as f:
+        for i in range(1, items + 1):
+            f.write(f'{{"item": {i}, "title": "item {i}"}}\n')
+    np.save(os.path.join(folder, "item_emb.npy"), np.ones((items, 8), np.float16) if emb is None else emb)
+    return folder
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("missing", "item_emb.npy: file missing"),
+    ("rows", "shape (2, 8), but items.jsonl lists 3 items"),
+    ("nan", "hold NaN or inf, first at row 1 (item id 2)"),
+    ("range", "line 2: item id 4 is out of range"),
+    ("malformed", "line 1: 'u1 1 x 3' is malformed"),
+    ("short", "line 2: user u2 has 2 item(s)"),
+])
+def test_bad_inputs_give_one_clear_error(tmp_path, case, expected):
+    folder = str(tmp_path / case)
+    good = ["u1 1 2 3", "u2 3 2 1"]
+    if case == "missing":
+        _write_dataset(folder, good)
+        os.remove(os.path.join(folder, "item_emb.npy"))
+    elif case == "rows":
+        _write_dataset(folder, good, emb=np.ones((2, 8), np.float16))
+    elif case == "nan":
+        emb = np.ones((3, 8), np.float16)
+        emb[1, 4] = np.nan
+        _write_dataset(folder, good, emb=emb)
+    elif case == "range":
+        _write_dataset(folder, ["u1 1 2 3", "u2 1 4 2"])
+    elif case == "malformed":
+        _write_dataset(folder, ["u1 1 x 3", "u2 3 2 1"])
+    elif case == "short":
+        _write_dataset(folder, ["u1 1 2 3", "u2 3 2"])
+    with pytest.raises(data.InputError, match=expected.replace("(", r"\(").replace(")", r"\)")) as err:
+        data.load_dataset(folder)
+    assert folder in str(err.value)  # the message names the file
+    # and the command line shows it as one line, not a traceback
+    if case == "range":
+        out = subprocess.run([sys.executable, "-c", f"import data, sys\ntry: data.load_dataset({folder!r})\n"
+                              f"except data.InputError as e: sys.exit(f'error: {{e}}')"],
+                             cwd=HERE, capture_output=True, text=True)
+        assert out.returncode == 1 and out.stderr.startswith("error:") and "Traceback" not in out.stderr
+
+
+def test_failed_write_is_one_error_and_leaves_nothing_behind(tmp_path):
+    def disk_full(f):
+        f.write(b"half a file")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(data.InputError, match=r"cannot write .*x\.npy: No space left on device"):
+        data.write_atomic(str(tmp_path / "x.npy"), disk_full)
+    assert os.listdir(tmp_path) == []
+    with pytest.raises(data.InputError, match="cannot write"):   # a folder that does not exist
+        data.write_json(str(tmp_path / "nowhere" / "x.json"), {})
+    (tmp_path / "file").write_text("")
+    with pytest.raises(data.InputError, match="cannot create"):  # a folder where a file is
+        data.make_dirs(str(tmp_path / "file" / "sub"))
+
+
+def test_folder_lock_admits_one_writer_and_cleans_up_after_a_killed_one(tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / ".lock").write_text("12345")                      # left by a process that was killed
+    (folder / (data.TMP_PREFIX + "ckpt.pt123")).write_bytes(b"half a checkpoint")
+    with data.folder_lock(str(folder)):
+        assert (folder / ".lock").read_text() == str(os.getpid())
+        assert sorted(os.listdir(folder)) == [".lock"]          # the killed writer's temp file is gone
+        with pytest.raises(data.InputError, match=f"in use by another running process .pid {os.getpid()}"):
+            with data.folder_lock(str(folder)):                 # nobody else gets in meanwhile
+                pass
+    with data.folder_lock(str(folder)):                         # released at the end
+        pass
+    code = f"import data, time\nwith data.folder_lock({str(folder)!r}):\n    print('in', flush=True)\n" \
+           f"    time.sleep(60)"
+    holder = subprocess.Popen([sys.executable, "-c", code], cwd=HERE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "in\n"                  # another process holds it
+    with pytest.raises(data.InputError, match="in use by another running process"):
+        with data.folder_lock(str(folder)):
+            pass
+    holder.kill()                                               # killed: the OS releases its lock
+    holder.wait()
+    with data.folder_lock(str(folder)):
+        pass
+
+
+# ---- prepare.py's builds and the Semantic-ID reader ----------------------------------------
+
+def test_ids_fitted_with_other_datasets_have_their_own_folder():
+    assert data.ids_folder("out", "beauty", "rqvae", fit_with="toys, sports") == os.path.join(
+        "out", "beauty", "rqvae-with-sports+toys")
+    assert data.ids_folder("out", "beauty", "rqvae", fit_with="") == os.path.join("out", "beauty", "rqvae")
+
 
 @pytest.fixture(scope="module")
 def lsh_out(tmp_path_factory):
@@ -629,652 +1335,8 @@ def test_a_failed_rebuild_keeps_the_previous_build(tmp_path, beauty, monkeypatch
     assert np.array_equal(data.load_codes(beauty, 'random', str(tmp_path)), codes)
 
 
-@pytest.mark.parametrize("flag, expected", [
-    ("--codebook_size=0", "codebook_size must be in"),
-    ("--lr=-1.0", "lr must be in"),
-    ("--lsh_bits=64", "lsh_bits must be in"),
-    ("--seed=-3", "seed must be in"),
-    ("--ids=hash", "ids must be one of rqvae, rqkmeans, lsh, random"),
-    ("--ids=rqvae --batch_size=100", "codebook_size 256 is larger than the 100 items"),
-])
-def test_prepare_checks_every_setting_at_the_door(tmp_path, flag, expected):
-    with pytest.raises(data.InputError, match=expected):
-        prepare.main(flag.split() + [f'--out_dir={tmp_path}'])
-    assert not os.path.exists(tmp_path / 'beauty')          # nothing was started
-
-
-@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(os.path.dirname(__file__), "config", "*.py"))),
-                         ids=os.path.basename)
-def test_every_shipped_config_file_loads_and_passes_the_checks(path):
-    if os.path.basename(path).startswith("tiger_"):
-        settings = data.configure(tiger.DEFAULTS, [path])
-        tiger.validate_settings({**settings, "device": "cpu"})
-    else:
-        settings = data.configure(prepare.DEFAULTS, [path])
-        rqvae.check_config(settings, n_items=12101)
-    if "paper" in path:
-        assert settings["ids"] == "rqvae"           # the paper's configs run the paper's Semantic IDs
-
-
-def test_a_dataset_smaller_than_the_codebook_is_one_clear_error(tmp_path):
-    folder = _write_dataset(str(tmp_path / "tiny"), ["u1 1 2 3", "u2 3 2 1"], items=3)
-    with pytest.raises(data.InputError, match="codebook_size 256 is larger than the 3 items"):
-        prepare.main([f'--dataset={folder}', '--ids=rqkmeans', f'--out_dir={tmp_path}'])
-
-
 # ==============================================================================================
-# tiger.py and eval.py
-
-LEVELS_60 = [(2, 15), (17, 15), (32, 15), (47, 13)]  # 4 code levels in a 60-token vocabulary
-
-
-def tiny(vocab_size=60, levels=LEVELS_60, **changes):
-    """A tiny TIGER built from its config alone (seeded)."""
-    config = tiger.TIGERConfig(vocab_size, levels, n_layer=2, n_head=2, head_dim=8, d_model=16, d_ff=32,
-                               dropout=0.0, softmax="level")
-    torch.manual_seed(0)
-    return tiger.TIGER(replace(config, **changes))
-
-
-def tiny_codes():
-    # 14 items over levels of sizes 3, 4, 3 plus a collision code: a small but branching prefix tree
-    rng = np.random.default_rng(0)
-    codes = np.unique(np.stack([rng.integers(0, 3, 40), rng.integers(0, 4, 40), rng.integers(0, 3, 40)], 1), axis=0)
-    codes = codes[rng.permutation(len(codes))[:14]]
-    codes = np.concatenate([codes, np.zeros((14, 1), np.int64)], 1)
-    codes[1, :3] = codes[0, :3]    # one collision: items 1 and 2 share a prefix ...
-    codes[1, 3] = 1                # ... and the collision code tells them apart
-    return codes
-
-
-def random_inputs(B=3, T=9, L=4, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(2, 60, (B, T), generator=g), torch.randint(2, 60, (B, L), generator=g)
-
-
-def test_decoder_is_causal():
-    model = tiny().eval()
-    enc, dec = random_inputs()
-    states, _ = model(enc, dec)                  # (3, 4, d): what every score is computed from
-    dec2 = dec.clone()
-    dec2[:, 2:] = torch.randint(2, 60, (3, 2))  # change later decoder inputs
-    states2, _ = model(enc, dec2)
-    assert torch.allclose(states[:, :2], states2[:, :2], atol=1e-6)
-    assert not torch.allclose(states[:, 2:], states2[:, 2:], atol=1e-3)
-
-
-def test_encoder_ignores_padding():
-    model = tiny().eval()
-    enc, dec = random_inputs()
-    memory, _ = model.encode(enc)
-    padded = torch.cat([enc, torch.full((3, 5), data.PAD)], 1)
-    assert torch.allclose(memory, model.encode(padded)[0][:, :9], atol=1e-5)
-    assert torch.allclose(model(padded, dec)[0], model(enc, dec)[0], atol=1e-5)
-
-
-def test_relative_position_buckets_are_t5s():
-    enc = tiger.RelativePositionBias(n_head=1, bidirectional=True)   # 16 buckets each way, 8 exact
-    rel = torch.tensor([0, -1, 1, -3, 3, -7, -8, -20, -127, -1000, 1000])
-    # exact up to 7; then 8 + floor(log(d / 8) / log(128 / 8) * 8), capped at 15; keys after the
-    # query (rel > 0) use buckets 16..31
-    assert enc.bucket(rel).tolist() == [0, 1, 17, 3, 19, 7, 8, 10, 15, 15, 31]
-    dec = tiger.RelativePositionBias(n_head=1, bidirectional=False)  # 32 buckets into the past, 16 exact
-    rel = torch.tensor([0, -1, 5, -15, -16, -40, -127, -1000])
-    assert dec.bucket(rel).tolist() == [0, 1, 0, 15, 16, 23, 31, 31]
-
-
-@pytest.mark.parametrize("softmax", ["level", "full"])
-def test_code_logprobs_and_loss(softmax):
-    model = tiny(softmax=softmax).eval()
-    enc, dec = random_inputs()
-    target = torch.tensor([[first + 1 for first, _ in LEVELS_60]] * 3)   # code 1 of every level
-    states, loss = model(enc, dec, target)
-    logp = [model.code_logprobs(states[:, l], l) for l in range(4)]      # each (3, n_codes of level l)
-    assert [p.shape[1] for p in logp] == [15, 15, 15, 13]
-    W = model.lm_head.weight                                             # (vocab, d): a row per token
-    for l, (first, n) in enumerate(LEVELS_60):
-        if softmax == "level":   # a softmax over the level's own rows only: a proper distribution
-            want = torch.log_softmax(states[:, l] @ W[first:first + n].T, -1)
-            assert torch.allclose(logp[l].exp().sum(-1), torch.ones(3), atol=1e-5)
-        else:                    # T5's softmax over the whole vocabulary, read at the level's tokens
-            want = torch.log_softmax(states[:, l] @ W.T, -1)[:, first:first + n]
-            assert (logp[l].exp().sum(-1) < 0.99).all()
-        assert torch.allclose(logp[l], want, atol=1e-5)
-    # the loss is the mean over users and levels of -log p(target code)
-    assert torch.allclose(loss, -torch.stack([p[:, 1] for p in logp]).mean(), atol=1e-6)
-
-
-def test_two_tigers_of_different_shapes_live_side_by_side():
-    small = tiny().eval()
-    enc, dec = random_inputs()
-    before = small(enc, dec)[0]
-    wide = tiny(n_head=3, head_dim=16, d_model=24, softmax="full").eval()   # built after the first
-    assert wide(enc, dec)[0].shape == (3, 4, 24)
-    assert torch.equal(small(enc, dec)[0], before)                     # the first is untouched
-    assert small.config.softmax == "level" and wide.config.d_model == 24
-    # a checkpoint's config alone rebuilds a model with the same outputs
-    again = tiger.TIGER(tiger.TIGERConfig(**json.loads(json.dumps(vars(small.config)))))
-    again.load_state_dict(small.state_dict())
-    assert torch.equal(again.eval()(enc, dec)[0], before)
-
-
-def test_ema_update_is_the_moving_average():
-    model = tiny()
-    averaged = copy.deepcopy(model)
-    old = [p.detach().clone() for p in averaged.parameters()]
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(1.0)
-    tiger.update_ema(averaged, model, step=0, decay=0.9)      # decay ramps up: min(0.9, 1/10) at step 0
-    tiger.update_ema(averaged, model, step=1000, decay=0.9)   # then the configured 0.9
-    for a, o, p in zip(averaged.parameters(), old, model.parameters()):
-        first = 0.1 * o + 0.9 * p
-        assert torch.allclose(a, 0.9 * first + 0.1 * p, atol=1e-6)
-
-
-def test_get_lr_warms_up_then_decays():
-    cosine = lambda step: tiger.get_lr(step, lr=1.0, warmup_steps=100, max_steps=1100, schedule="cosine")
-    assert cosine(0) == pytest.approx(0.01) and cosine(49) == pytest.approx(0.5)   # linear warmup
-    assert cosine(99) == pytest.approx(1.0) and cosine(100) == pytest.approx(1.0)
-    assert cosine(600) == pytest.approx(0.5) and cosine(1100) == pytest.approx(0.0)  # half-way, the end
-    rsqrt = lambda step: tiger.get_lr(step, lr=0.01, warmup_steps=100, max_steps=10 ** 6, schedule="rsqrt")
-    assert rsqrt(0) == rsqrt(99) == rsqrt(100) == 0.01              # the paper: constant, then 1/sqrt
-    assert rsqrt(400) == pytest.approx(0.005) and rsqrt(10000) == pytest.approx(0.001)
-
-
-def test_dropout_acts_where_t5_puts_it_and_only_in_training():
-    # T5 drops the attention probabilities, the MLP's hidden units, each sublayer's output (the
-    # residual stream) and the embeddings; each is checked with the others switched off
-    model = tiny(dropout=0.5, n_layer=1)            # one layer: these four are all the encoder's dropouts
-    block = model.encoder[0]
-    x, bias = torch.randn(4, 6, 16), torch.zeros(1, 2, 6, 6)
-    enc, _ = random_inputs()
-    places = {"attention probabilities": (lambda: block.self_attn(x, x, bias), block.self_attn, "attn_dropout"),
-              "MLP hidden units": (lambda: block.mlp(x), block.mlp[2], "p"),
-              "residual stream": (lambda: block(x, bias), block.resid_dropout, "p"),
-              "embeddings": (lambda: model.encode(enc)[0], model.emb_dropout, "p")}
-    rates = {name: getattr(m, a) for name, (_, m, a) in places.items()}
-    for name, (run, module, attr) in places.items():
-        for other, (_, m, a) in places.items():               # only this one on
-            setattr(m, a, rates[name] if other == name else 0.0)
-        model.eval()
-        evaluated = run()
-        assert torch.equal(run(), evaluated), name                     # evaluation: no dropout
-        model.train()
-        assert not torch.allclose(run(), evaluated, atol=1e-3), name   # training: this dropout acts
-
-
-def test_item_dropout_hides_whole_history_items():
-    torch.manual_seed(0)
-    L, n = 4, 100
-    enc = torch.cat([torch.full((8, 1), 59), torch.randint(2, 59, (8, n * L))], 1)  # [user, 100 items]
-    dropped = tiger.drop_input_tokens(enc, L, item_dropout=0.5, user_dropout=0.0)
-    assert torch.equal(dropped[:, 0], enc[:, 0])                 # the user token stays at user_dropout = 0
-    items, kept = enc[:, 1:].view(8, n, L), dropped[:, 1:].view(8, n, L)
-    gone = (kept == data.PAD).all(-1)                            # (8, n) items that vanished
-    assert torch.equal(kept[~gone], items[~gone])                # the rest are untouched ...
-    assert torch.equal(kept == data.PAD, gone[..., None].expand(-1, -1, L))  # ... and none half-dropped
-    assert 0.4 < gone.float().mean() < 0.6
-
-
-def test_user_dropout_hides_the_user_token_but_never_the_whole_input():
-    torch.manual_seed(0)
-    L = 4
-    enc = torch.cat([torch.full((400, 1), 59), torch.randint(2, 59, (400, 2 * L))], 1)  # [user, 2 items]
-    enc[:200, 1:] = data.PAD                                     # half the rows have no history at all
-    dropped = tiger.drop_input_tokens(enc, L, item_dropout=0.0, user_dropout=0.5)
-    assert torch.equal(dropped[:, 1:], enc[:, 1:])              # items untouched at item_dropout = 0
-    assert torch.equal(dropped[:200], enc[:200])                # a row with no history keeps its user
-    assert 0.4 < (dropped[200:, 0] == data.PAD).float().mean() < 0.6
-    both = tiger.drop_input_tokens(enc, L, item_dropout=0.7, user_dropout=0.5)
-    assert ((both != data.PAD).any(1)).all()                    # every row keeps a key to attend to
-
-
-def test_user_dropout_off_draws_no_random_number():
-    enc = torch.randint(2, 59, (400, 9))
-    torch.manual_seed(3)
-    tiger.drop_input_tokens(enc, 4, item_dropout=0.1, user_dropout=0.0)
-    after = torch.rand(1)
-    torch.manual_seed(3)
-    torch.rand(400, 2)                                           # the item draws alone
-    assert torch.equal(after, torch.rand(1))
-
-
-def test_the_model_reads_the_user_token_and_every_history_item():
-    # input dropout belongs to the training step; the model itself, in training or in evaluation,
-    # sees the whole input: hiding the user token or one history item changes its output
-    model = tiny()
-    enc = torch.cat([torch.full((3, 1), 59), torch.randint(2, 59, (3, 12))], 1)  # [user, 3 items of 4]
-    dec = torch.randint(2, 59, (3, 4))
-    hidden = [[0]] + [list(range(1 + 4 * i, 5 + 4 * i)) for i in range(3)]    # the user, each item
-    for mode in (model.eval, model.train):
-        mode()
-        full = model(enc, dec)[0]
-        for columns in hidden:
-            without = enc.clone()
-            without[:, columns] = data.PAD
-            assert not torch.allclose(model(without, dec)[0], full, atol=1e-4), columns
-    assert torch.equal(model.eval()(enc, dec)[0], model.train()(enc, dec)[0])   # dropout 0: same
-
-
-def test_incremental_decoding_with_cache_equals_full_forward():
-    model = tiny().eval()
-    enc, dec = random_inputs(B=2, T=7, L=5)
-    full, _ = model(enc, dec)
-    memory, cross_bias = model.encode(enc)
-    caches = [{"self": {}, "cross": {}} for _ in model.decoder]
-    steps = [model.decode(dec[:, t:t + 1], memory, cross_bias, caches, start=t) for t in range(5)]
-    assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)
-
-
-def sequence_logprobs(model, enc, tokenizer, n_levels=None):
-    """Brute force: the exact log-probability of every item's Semantic ID (or of its first n_levels
-    codes) for each user, (B, n_items): one teacher-forced pass per (user, item), summing log p(code)
-    over the levels."""
-    items = tokenizer.item_tokens[1:]                                       # (n_items, L)
-    B, n = enc.shape[0], len(items)
-    target = items.repeat(B, 1)
-    dec_in = torch.cat([torch.full((B * n, 1), data.BOS), target[:, :-1]], 1)
-    states, _ = model(enc.repeat_interleave(n, 0), dec_in)
-    logp = sum(model.code_logprobs(states[:, l], l).gather(1, target[:, l:l + 1] - first)[:, 0]
-               for l, (first, _) in enumerate(tokenizer.levels[:n_levels]))
-    return logp.view(B, n)
-
-
-@pytest.mark.parametrize("softmax", ["level", "full"])
-def test_beam_search_matches_brute_force(softmax):
-    codes = tiny_codes()
-    tok = data.Tokenizer(codes, n_user_buckets=10)
-    tables = tiger.PrefixTables(tok)
-    model = tiny(tok.vocab_size, tok.levels, softmax=softmax).eval()
-    enc = torch.cat([torch.full((4, 1), tok.user_offset), tok.item_tokens[torch.randint(1, 15, (4, 3))].flatten(1)], 1)
-    brute = sequence_logprobs(model, enc, tok)                              # (4, 14)
-    # a beam as large as the item set is exact: the top-K items by sequence log-probability
-    got, scores = tiger.beam_search(model, enc, tables, beam_size=14)
-    items = tables.items_of(got)
-    want_scores, want_items = brute.sort(dim=1, descending=True)
-    assert torch.equal(items, want_items + 1)
-    assert torch.allclose(scores, want_scores, atol=1e-5)
-    # a smaller beam still returns only real items, each scored with its exact log-probability
-    got, scores = tiger.beam_search(model, enc, tables, beam_size=3)
-    items = tables.items_of(got)
-    assert (items > 0).all() and items.shape == (4, 3)
-    assert torch.allclose(scores, brute.gather(1, items - 1), atol=1e-5)
-
-
-def test_unseen_candidates_are_the_unseen_items_under_the_best_prefixes():
-    codes = tiny_codes()                       # items 1 and 2 share their first three codes
-    tok = data.Tokenizer(codes, n_user_buckets=10)
-    unseen = np.array([1, 2, 6, 11])           # items 1 and 2: two unseen items under one prefix
-    seen = np.setdiff1d(np.arange(1, 15), unseen)
-    seen_tables = tiger.PrefixTables(tok, items=seen)
-    assert torch.equal(seen_tables.items_of(torch.from_numpy(codes[seen - 1])), torch.from_numpy(seen))
-    all_tables = tiger.PrefixTables(tok)
-    table = tiger.unseen_table(all_tables, codes, unseen)
-    model = tiny(tok.vocab_size, tok.levels).eval()
-    enc = torch.cat([torch.full((4, 1), tok.user_offset), tok.item_tokens[torch.randint(1, 15, (4, 3))].flatten(1)], 1)
-    # the seen ranking: the seen items by their exact log-probability, never an unseen one
-    got, scores = tiger.beam_search(model, enc, seen_tables, beam_size=len(seen))
-    want_scores, want = sequence_logprobs(model, enc, tok)[:, seen - 1].sort(dim=1, descending=True)
-    assert torch.equal(tiger.ranked_items(seen_tables, got, scores), torch.from_numpy(seen)[want])
-    assert torch.allclose(scores, want_scores, atol=1e-5)
-    # a beam over all 13 prefixes finds every unseen item once, scored log p(its first three codes)
-    assert table.shape[1] == 2                 # (items 1 and 2 share a row of the table)
-    new, scores = tiger.unseen_candidates(model, enc, all_tables, table, beam_size=13)
-    prefix_logp = sequence_logprobs(model, enc, tok, n_levels=3)             # (4, 14)
-    for b in range(4):
-        found = new[b][new[b] > 0]
-        assert sorted(found.tolist()) == unseen.tolist()
-        assert torch.allclose(scores[b][new[b] > 0], prefix_logp[b, found - 1], atol=1e-5)
-    # a narrower beam keeps only the unseen items under its best prefixes
-    new, _ = tiger.unseen_candidates(model, enc, all_tables, table, beam_size=3)
-    best, _ = tiger.beam_search(model, enc, all_tables, beam_size=3, n_levels=3)   # (4, 3, 3)
-    for b in range(4):
-        under = [u for u in unseen if codes[u - 1, :3].tolist() in best[b].tolist()]
-        assert sorted(new[b][new[b] > 0].tolist()) == under
-
-
-def test_epsilon_rule_on_a_hand_made_ranking():
-    seen, seen_s = torch.tensor([[11, 12, 13, 14]]), torch.tensor([[-1.0, -2.0, -3.0, -4.0]])
-    # (24: an item id under a filler beam, score -inf: never a candidate)
-    new, new_s = torch.tensor([[21, 22, 23, 24]]), torch.tensor([[-0.5, -1.5, -5.0, float("-inf")]])
-    top = lambda k, eps: tiger.epsilon_top_k(seen, seen_s, new, new_s, k, eps)[0].tolist()
-    assert top(4, 0.0) == [11, 12, 13, 14]                 # epsilon 0: exactly the seen ranking
-    assert top(4, 0.25) == [21, 11, 12, 13]                # at most floor(0.25 * 4) = 1 unseen item
-    assert top(4, 0.5) == [21, 11, 22, 12]                 # 2 allowed, in the order of the scores
-    assert top(4, 1.0) == [21, 11, 22, 12]                 # the cap is not reached: the plain merge
-    assert top(7, 1.0) == [21, 11, 22, 12, 13, 14, 23]
-    assert top(5, 0.3) == [21, 11, 12, 13, 14]             # floor(1.5) = 1
-    assert top(9, 1.0) == [21, 11, 22, 12, 13, 14, 23, 0, 0]   # fewer candidates than k: 0-padded
-    for k in range(1, 8):
-        for eps in (0.0, 0.1, 0.3, 0.5, 1.0):
-            got = torch.tensor(top(k, eps))
-            assert (got > 20).sum() <= int(eps * k + 1e-9)
-    # on a tie a seen item goes first
-    tie = tiger.epsilon_top_k(seen, seen_s, torch.tensor([[21]]), torch.tensor([[-2.0]]), 3, 1.0)
-    assert tie[0].tolist() == [11, 12, 21]
-
-
-def test_semantic_knn_ranks_by_cosine_and_leaves_the_history_out():
-    # items 1..6; item 6 points away from every query below (a negative similarity)
-    emb = np.array([[1, 0], [0.9, 0.3], [0, 1], [0.2, 0.9], [0.7, 0.7], [-1, -0.1]], dtype=np.float32)
-    history, length = np.array([[1, 3], [3, 0]]), np.array([2, 1])   # the first history fills its row
-    last = evaluation.semantic_knn(emb, history, length, 4, "last")
-    # nearest to item 3, item 3 itself left out; item 6 last, and never the padding item 0 (similarity
-    # 0 > item 6's), which a history without padding does not mask by itself
-    assert last.tolist() == [[4, 5, 2, 6], [4, 5, 2, 1]]
-    mean = evaluation.semantic_knn(emb, history, length, 3, "mean")
-    assert mean[0].tolist() == [5, 2, 4] and mean[1].tolist() == [4, 5, 2]   # (1, 1)/2 is nearest item 5
-
-
-def test_unconstrained_beam_search_can_return_ids_that_are_no_item():
-    codes = tiny_codes()
-    tok = data.Tokenizer(codes, n_user_buckets=10)
-    tables = tiger.PrefixTables(tok)
-    model = tiny(tok.vocab_size, tok.levels).eval()
-    enc = torch.cat([torch.full((4, 1), tok.user_offset), tok.item_tokens[torch.randint(1, 15, (4, 3))].flatten(1)], 1)
-    got, _ = tiger.beam_search(model, enc, tables, beam_size=50, constrained=False)
-    items = tables.items_of(got)
-    assert (items == 0).any() and set(items[items > 0].tolist()) <= set(range(1, 15))
-    assert torch.equal(tables.items_of(torch.from_numpy(codes)), torch.arange(1, 15))
-    real = {tuple(c) for c in codes.tolist()}
-    fake = next(t for t in itertools.product(*[range(n) for n in tok.level_sizes]) if t not in real)
-    assert tables.items_of(torch.tensor([fake])).item() == 0  # a well-formed ID that is no item
-
-
-def sampling_setup(n_users):
-    codes = tiny_codes()
-    tok = data.Tokenizer(codes, n_user_buckets=10)
-    tables = tiger.PrefixTables(tok)
-    model = tiny(tok.vocab_size, tok.levels).eval()
-    history = tok.item_tokens[torch.tensor([3, 7, 1])].flatten()
-    enc = torch.cat([torch.tensor([tok.user_offset]), history]).repeat(n_users, 1)  # one user, n times
-    return codes, tok, tables, model, enc
-
-
-def exact_q(model, enc, tok, tables, temperature):
-    """Brute force: q_T(item) = prod_l softmax(logits_l / T), renormalised over the allowed codes."""
-    n, L = len(tok.codes), tok.id_length
-    target = tok.item_tokens[1:]
-    dec_in = torch.cat([torch.full((n, 1), data.BOS), target[:, :-1]], 1)
-    states, _ = model(enc[:1].repeat(n, 1), dec_in)
-    logq, prefix = torch.zeros(n), torch.zeros(n, dtype=torch.long)
-    for l, (first, _) in enumerate(tok.levels):
-        logp = model.code_logprobs(states[:, l], l).masked_fill(~tables.allowed[l][prefix], float("-inf"))
-        code = target[:, l] - first
-        logq += torch.log_softmax(logp / temperature, -1).gather(1, code[:, None])[:, 0]
-        prefix = tables.next[l][prefix, code]
-    return logq.exp()                                                       # (n_items,), sums to 1
-
-
-def test_sampling_returns_distinct_valid_items():
-    _, _, tables, model, enc = sampling_setup(50)
-    g = torch.Generator().manual_seed(0)
-    codes, scores = tiger.beam_search(model, enc, tables, beam_size=14, temperature=1.0, generator=g)
-    items = tables.items_of(codes)
-    assert torch.isfinite(scores).all()
-    assert (items.sort(1).values == torch.arange(1, 15)).all()              # all 14 items, each once
-    assert len({tuple(row) for row in items.tolist()}) > 1                  # in different orders
-
-
-@pytest.mark.parametrize("temperature", [1.0, 2.5])
-def test_sampling_draws_without_replacement_from_the_tempered_distribution(temperature):
-    # the first item is a draw from q_T, the second a draw from q_T without the first:
-    # P(second = j) = sum_i q(i) q(j) / (1 - q(i)). 4,000 samples match both closely.
-    _, tok, tables, model, enc = sampling_setup(4000)
-    g = torch.Generator().manual_seed(1)
-    codes, _ = tiger.beam_search(model, enc, tables, beam_size=3, temperature=temperature, generator=g)
-    items = tables.items_of(codes)
-    with torch.no_grad():
-        q = exact_q(model, enc, tok, tables, temperature).double()
-    assert q.sum().item() == pytest.approx(1.0, abs=1e-5)
-    second = q * (q / (1 - q)).sum() - q * q / (1 - q)                      # j != i
-    for position, want in ((0, q), (1, second)):
-        drawn = torch.bincount(items[:, position], minlength=15)[1:].double() / 4000
-        assert 0.5 * (drawn - want).abs().sum().item() < 0.05, position    # total variation distance
-
-
-def test_higher_temperature_flattens_the_first_code():
-    codes, _, tables, model, enc = sampling_setup(3000)
-    n_first = len(np.unique(codes[:, 0]))
-    entropy = []
-    for temperature in (0.2, 1.0, 20.0):
-        g = torch.Generator().manual_seed(2)
-        out, _ = tiger.beam_search(model, enc, tables, beam_size=1, temperature=temperature, generator=g)
-        p = torch.bincount(out[:, 0, 0], minlength=n_first).double() / len(out)
-        entropy.append(-(p[p > 0] * p[p > 0].log()).sum().item())
-    assert entropy[0] < entropy[1] < entropy[2] and entropy[2] > 0.95 * np.log(n_first)
-
-
-def test_diversity_metrics_against_hand_computed_values():
-    items = torch.tensor([[1, 2, 3, 4], [1, 1, 5, 0]])                      # 0: no item
-    category = np.array([-1, 0, 0, 1, -1, 2])                               # item 4: unknown
-    # user 0: categories 0, 0, 1 -> p = (2/3, 1/3); user 1: 0, 0, 2 -> the same entropy
-    h = -(2 / 3 * np.log(2 / 3) + 1 / 3 * np.log(1 / 3))
-    assert evaluation.entropy_at_k(items, category, 4) == pytest.approx(h)
-    assert evaluation.entropy_at_k(items, category, 1) == 0.0
-    assert evaluation.coverage_at_k(items, 5, 4) == 1.0 and evaluation.coverage_at_k(items, 5, 2) == 0.4
-    # exposure of items 1..5 in the top 2: (3, 1, 0, 0, 0); sorted (0, 0, 0, 1, 3)
-    gini = sum((2 * i - 5 - 1) * x for i, x in enumerate([0, 0, 0, 1, 3], 1)) / (5 * 4)
-    assert evaluation.gini_at_k(items, 5, 2) == pytest.approx(gini) == pytest.approx(0.7)
-
-
-def test_category_mix_names_what_each_target_category_is_shown():
-    category, names = np.array([-1, 0, 0, 1, 1, 2]), ["A", "B", "C"]
-    items = torch.tensor([[1, 3, 3, 5], [2, 1, 1, 1], [4, 5, 5, 5]])
-    lines = evaluation.category_mix(items, torch.tensor([1, 2, 3]), category, names, k=4, n_shown=2)
-    # two users with targets in A see A, B, B, C and A, A, A, A; one with a target in B sees B, C, C, C
-    assert lines == ["target A (2 users): top-4 A 62%, B 25%", "target B (1 users): top-4 C 75%, B 25%"]
-
-
-def test_metrics_against_hand_computed_values():
-    ranked = torch.tensor([[7, 1, 2, 3, 4, 5], [1, 2, 3, 4, 7, 5], [1, 2, 3, 4, 5, 6]])
-    targets = torch.tensor([7, 7, 7])  # hit at rank 1, hit at rank 5, miss
-    ranks = evaluation.ranks_of(ranked, targets)
-    assert ranks.tolist() == [1, 5, 0]
-    m = evaluation.recall_ndcg(ranks, ks=(1, 5))
-    assert m["recall@1"] == pytest.approx(1 / 3) and m["recall@5"] == pytest.approx(2 / 3)
-    assert m["ndcg@1"] == pytest.approx(1 / 3)
-    assert m["ndcg@5"] == pytest.approx((1 + 1 / np.log2(6)) / 3)  # 1/log2(1+1) = 1, 1/log2(5+1)
-    assert evaluation.invalid_rate(torch.tensor([[1, 0], [0, 0]])) == 0.75
-    # a ranking of 6 is long enough for K = 5 only
-    assert set(evaluation.metrics(ranked, targets)) == {"recall@5", "ndcg@5"}
-
-
-def test_invalid_id_rate_per_k_on_hand_made_decoded_ids():
-    # 2 users, 20 decoded IDs each, 0 = an ID that is no item (Fig. 6 plots this share against K)
-    items = torch.arange(1, 41).view(2, 20)
-    items[0, 0] = items[0, 7] = items[1, 12] = items[1, 19] = 0
-    m = evaluation.metrics(items, torch.tensor([5, 99]), invalid=True)
-    assert m["invalid@1"] == 0.5 and m["invalid@5"] == 0.1                  # 1 of 2, 1 of 10
-    assert m["invalid@10"] == 0.1 and m["invalid@20"] == 0.1                 # 2 of 20, 4 of 40
-    assert m["invalid_rate"] == 0.1 and m["recall@5"] == 0.5                 # user 0 finds item 5
-
-
-def test_without_the_user_token_the_encoder_reads_the_history_alone():
-    tok = data.Tokenizer(np.array([[0, 1, 0, 0], [2, 1, 3, 0], [2, 1, 3, 1]]))
-    ex = data.Examples(user=np.array([0, 1]), history=np.array([[1, 0], [3, 2]]),
-                       length=np.array([1, 2]), target=np.array([2, 1]), position=np.array([1, 2]))
-    with_user = data.make_batch(ex, [0, 1], tok, tok.user_tokens(["a", "b"]))
-    without = data.make_batch(ex, [0, 1], tok, None)
-    assert torch.equal(without["enc"], with_user["enc"][:, 1:])             # the same, minus column 0
-    assert not (without["enc"] >= tok.user_offset).any()                    # no user token anywhere
-    # item dropout without a user token never leaves an example with nothing to read
-    torch.manual_seed(0)
-    enc = torch.randint(2, 59, (400, 4))                                     # one item each
-    dropped = tiger.drop_input_tokens(enc, 4, item_dropout=0.9, user_dropout=0.0, user_token=False)
-    assert torch.equal(dropped, enc)
-    enc = torch.randint(2, 59, (400, 8))                                     # two items each
-    dropped = tiger.drop_input_tokens(enc, 4, item_dropout=0.5, user_dropout=0.0, user_token=False)
-    assert ((dropped != data.PAD).any(1)).all() and (dropped == data.PAD).any()
-
-
-def test_tiny_model_overfits_tiny_dataset_to_recall_at_1():
-    codes = tiny_codes()
-    tok = data.Tokenizer(codes, n_user_buckets=10)
-    tables = tiger.PrefixTables(tok)
-    # 8 users, each with its own history and next item
-    rng = np.random.default_rng(1)
-    ex = data.Examples(user=np.arange(8), history=rng.integers(1, 15, (8, 3)), length=np.full(8, 3),
-                       target=rng.permutation(14)[:8] + 1, position=np.full(8, 3))
-    user_tok = tok.user_tokens([f"u{i}" for i in range(8)])
-    model = tiny(tok.vocab_size, tok.levels)       # no dropout of any kind
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    batch = data.make_batch(ex, np.arange(8), tok, user_tok)
-    for _ in range(150):
-        _, loss = model(batch["enc"], batch["dec_in"], batch["target"])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    codes_out, _ = tiger.beam_search(model.eval(), batch["enc"], tables, beam_size=5)
-    ranks = evaluation.ranks_of(tables.items_of(codes_out), batch["target_item"])
-    assert evaluation.recall_ndcg(ranks, ks=(1,))["recall@1"] == 1.0
-
-
-# ==============================================================================================
-# End to end: prepare + train + evaluate on a small slice of Beauty
-
-def make_slice(folder, n_items=1000, min_len=5):
-    """A small, dense slice of Beauty: its n_items most-interacted items, and the users with at least
-    min_len interactions among them (their other items dropped, order kept), renumbered 1..m. About
-    4,500 users and 1,000 items: real data on which a minute of training can learn real patterns (a
-    slice of the first 2,000 users instead has ~7,000 items seen a few times each; there a minute of
-    training loses to the most-popular baseline)."""
-    ds = data.load_dataset("beauty")
-    counts = np.bincount(np.concatenate(ds.sequences), minlength=ds.n_items + 1)
-    counts[0] = 0
-    keep = np.zeros(ds.n_items + 1, bool)
-    keep[np.argsort(-counts, kind="stable")[:n_items]] = True
-    users = [(u, seq[keep[seq]]) for u, seq in zip(ds.users, ds.sequences)]
-    users = [(u, seq) for u, seq in users if len(seq) >= min_len]
-    used = np.unique(np.concatenate([seq for _, seq in users]))
-    new_id = np.zeros(ds.n_items + 1, np.int64)
-    new_id[used] = np.arange(1, len(used) + 1)
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "sequences.txt"), "w") as f:
-        for u, seq in users:
-            f.write(u + " " + " ".join(map(str, new_id[seq])) + "\n")
-    with open(os.path.join(folder, "items.jsonl"), "w") as f:
-        for i, old in enumerate(used, 1):
-            f.write(json.dumps({**ds.items[old - 1], "item": i}) + "\n")
-    np.save(os.path.join(folder, "item_emb.npy"), ds.item_emb[used - 1].astype(np.float16))
-    return folder
-
-
-@pytest.fixture(scope="module")
-def beauty_slice(tmp_path_factory):
-    root = tmp_path_factory.mktemp("slice")
-    folder = make_slice(str(root / "beauty1k"))
-    out = str(root / "out")
-    prepare.main([f"--dataset={folder}", f"--out_dir={out}"])                     # the default IDs
-    prepare.main([f"--dataset={folder}", f"--out_dir={out}", "--ids=rqvae", "--n_epochs=30"])  # the paper's
-    return folder, out
-
-
-# the CPU default's model at a fraction of its steps; no input dropout, so that 300 steps learn
-SMALL_RUN = ["--batch_size=128", "--lr=0.005", "--warmup_steps=20", "--eval_users=500", "--beam_size=10",
-             "--item_dropout=0.0", "--user_dropout=0.0"]
-
-
-def run_args(beauty_slice, run, steps=40, every=20):
-    folder, out = beauty_slice
-    return [f"--dataset={folder}", f"--out_dir={out}", f"--run={run}", f"--max_steps={steps}",
-            f"--eval_every={every}", "--patience=9"] + SMALL_RUN
-
-
-IDS = tiger.DEFAULTS["ids"]  # the main job's Semantic IDs (prepare.py and tiger.py agree on them)
-assert IDS == rqvae.DEFAULTS["ids"]
-
-
-def run_dir(beauty_slice, run, ids=IDS):
-    return os.path.join(beauty_slice[1], "beauty1k", ids, run)
-
-
-def test_end_to_end_on_a_beauty_slice(beauty_slice):
-    # prepare (in the fixture) + train + evaluate on the dense Beauty slice: the trained model must rank
-    # the held-out items better than recommending the most popular items to everyone
-    results = tiger.main(run_args(beauty_slice, "e2e", steps=300, every=100))
-    for split in ("valid", "test"):
-        assert results[split]["recall@10"] > 1.25 * results[split + "_most_popular"]["recall@10"] > 0
-        assert results[split]["ndcg@10"] > 1.25 * results[split + "_most_popular"]["ndcg@10"]
-    best = os.path.join(run_dir(beauty_slice, "e2e"), "best.pt")
-    # the eval.py driver reproduces the test numbers from the saved checkpoint ...
-    again = evaluation.main([f"--ckpt={best}"])
-    assert again["recall@10"] == pytest.approx(results["test"]["recall@10"])
-    # ... reports the invalid-ID rate of unconstrained decoding (its recall may land on either side of the
-    # constrained one: invalid prefixes take beam slots, but pruning changes which beams survive), and a demo
-    free = evaluation.main([f"--ckpt={best}", "--constrained=False"])
-    assert 0 <= free["invalid_rate"] <= 1 and free["recall@10"] > 0
-    evaluation.main([f"--ckpt={best}", "--demo=1"])
-    # a wider beam than the checkpoint's (10) returns a longer ranking, so Recall@20 is reported too
-    assert "recall@20" in evaluation.main([f"--ckpt={best}", "--beam_size=20", "--split=valid"])
-
-
-def test_the_papers_rqvae_ids_train_end_to_end_too(beauty_slice):
-    # the default uses RQ-KMeans IDs; the paper's RQ-VAE IDs (built in the fixture) must learn as well
-    results = tiger.main(run_args(beauty_slice, "e2e", steps=300, every=100) + ["--ids=rqvae"])
-    assert results["test"]["recall@10"] > 1.25 * results["test_most_popular"]["recall@10"] > 0
-    ckpt = torch.load(os.path.join(run_dir(beauty_slice, "e2e", ids="rqvae"), "best.pt"), weights_only=True)
-    assert ckpt["settings"]["ids"] == "rqvae"
-
-
-def test_recommend_for_any_history_by_ids_or_asins(beauty_slice, trained, capsys):
-    folder, _ = beauty_slice
-    items = data.load_dataset(folder).items
-    best = f"--ckpt={os.path.join(trained, 'best.pt')}"
-    top = evaluation.main([best, f"--history={items[4]['asin']},{items[9]['asin']},3"])
-    assert len(top) == 10 and len(set(top)) == 10 and all(1 <= i <= len(items) for i in top)
-    shown = capsys.readouterr().out
-    assert items[4]["title"] in shown and items[top[0] - 1]["title"] in shown
-    assert evaluation.main([best, "--history=5,10,3"]) == top                 # ids and ASINs alike
-    sampled = evaluation.main([best, "--history=5,10,3", "--temperature=2.0"])
-    assert len(set(sampled)) == 10 and sampled != top
-    with pytest.raises(data.InputError, match="--history: B000NOSUCH, 99999: not an item id"):
-        evaluation.main([best, "--history=5,B000NOSUCH,99999"])
-
-
-def test_cold_start_end_to_end_on_a_beauty_slice(beauty_slice, trained, capsys):
-    folder, out = beauty_slice
-    prepare.main([f"--dataset={folder}", f"--out_dir={out}", "--cold_start=0.1"])
-    main_build = os.path.join(out, "beauty1k", IDS, "config.json")
-    assert "cold_start" not in json.load(open(main_build))                 # the main build is untouched
-    tiger.main(run_args(beauty_slice, "cold", steps=40) + ["--cold_start=0.1"])
-    # it trained on the split without the unseen items (the count it prints)
-    ds = data.load_dataset(folder)
-    unseen = data.unseen_items(ds, 0.1)
-    n_train = len(data.split(ds, unseen)[0])
-    assert n_train < len(data.split(ds)[0]) and f"examples: {n_train:,} train" in capsys.readouterr().out
-    best = os.path.join(out, "beauty1k", IDS + "-cold0.1", "cold", "best.pt")
-    result = evaluation.main([f"--ckpt={best}", "--cold_start"])
-    written = os.path.join(os.path.dirname(best), "cold_start_best_test_beam10.json")
-    assert json.load(open(written))["tiger"] == result["tiger"]
-    _, _, test = data.split(ds)
-    assert result["users"]["unseen_target"] == np.isin(test.target, unseen).sum()
-    assert result["users"]["unseen_target"] > 0
-    assert result["tiger"]["0"]["unseen_target"] == [0.0] * 20   # the seen ranking never holds one
-    assert all(len(v) == 4 and max(v) < 0 for v in result["mean_log_p_per_level"].values())
-    curves = [g for v in (*result["tiger"].values(), *result["semantic_knn"].values()) for g in v.values()]
-    assert all(np.all(np.diff(c) >= 0) for c in curves)           # Recall@K never falls as K grows
-    top = evaluation.main([f"--ckpt={best}", "--history=1,2,3", "--epsilon=1.0"])
-    assert len(top) == 10 and len(set(top)) == 10
-    with pytest.raises(data.InputError, match="--epsilon applies to --history and --demo"):
-        evaluation.main([f"--ckpt={best}", "--epsilon=0.1"])
-    with pytest.raises(data.InputError, match="give one of them"):
-        evaluation.main([f"--ckpt={best}", "--demo=1", "--epsilon=0.1", "--temperature=1.0"])
-    with pytest.raises(data.InputError, match="not trained for cold start"):
-        evaluation.main([f"--ckpt={os.path.join(trained, 'best.pt')}", "--cold_start"])
-
-
-def test_validating_more_often_trains_the_very_same_model(beauty_slice):
-    # a validation pass draws no random number, so how often it runs cannot change the trained weights
-    # (the default validates every 3,000 steps on the strength of this)
-    small = ["--item_dropout=0.1", "--user_token=True", "--user_dropout=0.3"]  # training that draws random numbers
-    tiger.main(run_args(beauty_slice, "often", steps=30, every=10) + small)
-    tiger.main(run_args(beauty_slice, "rarely", steps=30, every=30) + small)
-    a, b = (torch.load(os.path.join(run_dir(beauty_slice, r), "ckpt.pt"), weights_only=True)["model"]
-            for r in ("often", "rarely"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
-
+# 8. Runs: checkpoints, resume, overwrite; what a user can get wrong
 
 def test_interrupted_run_resumes_to_the_same_result(beauty_slice, monkeypatch):
     # dropout draws random numbers, so resuming must restore the RNG; the weight average must be restored too
@@ -1301,59 +1363,6 @@ def test_interrupted_run_resumes_to_the_same_result(beauty_slice, monkeypatch):
         tiger.main(run_args(beauty_slice, "cut") + small + ["--resume", "--lr=0.1"])  # a later flag wins
 
 
-def write_run(folder, dataset, seed, recall10, ids="rqvae", **settings):
-    os.makedirs(folder, exist_ok=True)
-    data.write_json(os.path.join(folder, "config.json"), {**tiger.DEFAULTS, "dataset": dataset, "ids": ids,
-                                                         "seed": seed, **settings})
-    test = {"recall@5": recall10 / 2, "ndcg@5": recall10 / 4, "recall@10": recall10, "ndcg@10": recall10 / 3}
-    data.write_json(os.path.join(folder, "metrics.json"), {
-        "test": test, "test_most_popular": {"recall@10": 0.0114}, "wall_s": 600.0, "best_step": 12000,
-        "provenance": {"command": "python tiger.py", "commit": "abc1234", "machine": "AMD EPYC", "threads": 2}})
-
-
-def test_report_sets_every_finished_run_beside_the_paper(tmp_path, capsys):
-    out = tmp_path / "out"
-    write_run(out / "beauty" / "rqvae" / "tiger", "beauty", 1337, 0.0490)
-    write_run(out / "beauty" / "rqvae" / "seed1", "beauty", 1, 0.0500)
-    write_run(out / "beauty" / "rqvae" / "user", "beauty", 1337, 0.0400, user_token=True)
-    write_run(out / "beauty" / "rqvae" / "long", "beauty", 1337, 0.0600, user_token=True, max_steps=48000)
-    write_run(out / "beauty" / "rqkmeans" / "joint", "beauty", 1337, 0.0450, ids="rqkmeans", fit_with="sports,toys",
-              user_token=True, user_dropout=0.5)
-    write_run(out / "toys" / "lsh" / "tiger", "toys", 1337, 0.0300, ids="lsh")
-    write_run(out / "sports" / "rqvae" / "old", "sports", 1337, 0.0240, user_dropout=0.5)
-    old_config = out / "sports" / "rqvae" / "old" / "config.json"           # written before --user_token
-    old_config.write_text(json.dumps({k: v for k, v in json.loads(old_config.read_text()).items() if k != "user_token"}))
-    (out / "beauty" / "rqvae").mkdir(exist_ok=True)                          # an ID folder: not a run
-    evaluation.main([f"--report={out}"])
-    table = capsys.readouterr().out
-    # two seeds of the default: mean 0.0495, standard error 0.0005 (std 0.000707 / sqrt 2)
-    assert "| beauty | rqvae | default | 2 | 0.0248 ± 0.0003 | 0.0124 ± 0.0001 | 0.0495 ± 0.0005 |" in table
-    assert "| beauty | paper, Table 1 | | | 0.0454 | 0.0321 | 0.0648 | 0.0384 | |" in table
-    assert "| beauty | paper, Table 9 | | 3 | 0.0441 ± 0.0007 |" in table      # beside the seeds' mean
-    assert "| beauty | rqvae | user_token=True | 1 | 0.0200 |" in table       # Table 8's row with the token
-    assert "| beauty | paper, Table 8 | | | 0.0454 | 0.0321 | 0.0648 | 0.0384 | |" in table
-    lines = table.splitlines()       # a recipe the paper did not measure gets no paper row beside it
-    after_long = lines[lines.index("| beauty | rqvae | max_steps=48000 user_token=True | 1 | 0.0300 | 0.0150 | "
-                                   "0.0600 | 0.0200 | 0.0114 |") + 1]
-    assert "paper" not in after_long
-    assert "| beauty | rqkmeans | fit_with=sports,toys user_dropout=0.5 user_token=True | 1 | 0.0225 |" in table
-    assert "| beauty | paper, Table 10 | | | 0.0435 | 0.0305 | 0.0631 | 0.0368 | |" in table
-    assert "| sports | rqvae | user_dropout=0.5 user_token=True | 1 | 0.0120 |" in table  # read as it trained
-    assert "| toys | lsh | default | 1 | 0.0150 |" in table and "| toys | paper, Table 1" not in table
-    assert "| toys | paper, Table 2 | | | 0.0412 | 0.0299 | 0.0566 | 0.0349 | |" in table
-    assert "| 10.0 min | abc1234 | AMD EPYC, threads: 2 | `python tiger.py` |" in table
-
-
-def test_report_refuses_a_malformed_run_naming_the_file(tmp_path):
-    write_run(tmp_path / "beauty" / "rqvae" / "tiger", "beauty", 1337, 0.0490)
-    (tmp_path / "beauty" / "rqvae" / "tiger" / "metrics.json").write_text('{"test": {"recall@10": "high"}}')
-    with pytest.raises(data.InputError, match=r"tiger/metrics.json is not a finished run's metrics.json"):
-        evaluation.main([f"--report={tmp_path}"])
-
-
-# ==============================================================================================
-# What a user can get wrong: each fault is one clear line, and no earlier work is lost
-
 @pytest.fixture(scope="module")
 def trained(beauty_slice):
     """A short finished run on the slice: its run folder."""
@@ -1376,7 +1385,8 @@ def test_a_checkpoint_is_scored_with_the_ids_it_was_trained_on(beauty_slice, tra
         tiger.main(args + ["--resume"])
 
 
-def test_ids_learnt_with_another_dataset_get_their_own_folder_and_a_run_trains_on_them(beauty_slice, tmp_path):
+def test_ids_learnt_with_another_dataset_get_their_own_folder_and_a_run_trains_on_them(beauty_slice, tmp_path,
+                                                                                        monkeypatch):
     folder, out = beauty_slice
     shutil.copytree(out, tmp_path / "out")
     out = str(tmp_path / "out")
@@ -1393,6 +1403,10 @@ def test_ids_learnt_with_another_dataset_get_their_own_folder_and_a_run_trains_o
     assert np.array_equal(ckpt["codes"].numpy(), codes) and ckpt["settings"]["fit_with"] == "toys"
     with pytest.raises(data.InputError, match=IDS + r"-with-sports\+toys.*missing.*--fit_with=sports,toys"):
         tiger.main(args + ["--fit_with=toys,sports", "--run=other"])
+    toys = data.fit_with_embeddings("toys")                       # toys re-embedded since: the IDs are stale
+    monkeypatch.setattr(data, "fit_with_embeddings", lambda names: toys + 1)
+    with pytest.raises(data.InputError, match="embeddings of toys changed.*--fit_with=toys.*--force"):
+        tiger.main(args + ["--fit_with=toys", "--run=stale"])
 
 
 def test_a_second_run_with_the_same_name_is_refused(beauty_slice, trained):
@@ -1430,27 +1444,8 @@ def test_two_live_runs_never_share_a_folder(beauty_slice):
     with data.folder_lock(folder):                          # another run is writing this folder
         with pytest.raises(data.InputError, match="in use by another running process"):
             tiger.main(run_args(beauty_slice, "busy", steps=20))
-    assert sorted(os.listdir(folder)) == [".lock"]
-
-
-@pytest.mark.parametrize("name", ["", ".", "..", "../x", "a/b", ".hidden"])
-def test_a_run_name_cannot_escape_its_folder(beauty_slice, name):
-    with pytest.raises(data.InputError, match="run must be a plain folder name"):
-        tiger.main(run_args(beauty_slice, name))
-
-
-@pytest.mark.parametrize("flag, expected", [
-    ("--grad_clip=0.0", "grad_clip must be in"), ("--grad_clip=-1.0", "grad_clip must be in"),
-    ("--lr=1e9", "lr must be in"), ("--lr=0.0", "lr must be in"), ("--weight_decay=-0.1", "weight_decay"),
-    ("--user_dropout=1.0", "user_dropout must be in"), ("--beam_size=5", "beam_size must be in"),
-    ("--seed=-1", "seed must be in"), ("--softmax=sparse", "softmax must be one of level, full"),
-    ("--ids=hash", "ids must be one of"), ("--n_head=0", "n_head must be in"),
-    ("--user_token=False --user_dropout=0.5", "user_dropout hides the user token"),
-])
-def test_out_of_range_settings_are_refused_before_any_work(beauty_slice, flag, expected):
-    with pytest.raises(data.InputError, match=expected):
-        tiger.main(run_args(beauty_slice, "refused") + flag.split())
-    assert not os.path.exists(run_dir(beauty_slice, "refused"))
+        assert sorted(os.listdir(folder)) == [".lock"]      # the refused run wrote nothing
+    assert not os.path.exists(folder)                       # and the lock left no empty folder
 
 
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(beauty_slice, monkeypatch):
@@ -1509,30 +1504,6 @@ def test_a_checkpoint_from_an_older_tiger_py_says_so(trained, tmp_path):
         evaluation.main([f"--ckpt={tmp_path / 'best.pt'}"])
 
 
-def test_a_run_from_before_the_cold_start_option_still_resumes(beauty_slice, trained):
-    old = run_dir(beauty_slice, "before_cold")
-    shutil.copytree(trained, old)
-    ckpt = torch.load(os.path.join(old, "ckpt.pt"), weights_only=True)
-    del ckpt["settings"]["cold_start"]                      # as tiger.py wrote it before the options
-    del ckpt["settings"]["fit_with"]
-    ckpt["settings"]["run"] = "before_cold"
-    torch.save(ckpt, os.path.join(old, "ckpt.pt"))
-    assert tiger.main(run_args(beauty_slice, "before_cold", steps=20) + ["--resume"])["best_step"] == 20
-
-
-def test_a_run_from_before_the_user_token_option_resumes_as_it_trained(beauty_slice, trained):
-    # before --user_token existed every run read the token; a checkpoint without the setting means True
-    old = run_dir(beauty_slice, "before_user")
-    shutil.copytree(trained, old)
-    ckpt = torch.load(os.path.join(old, "ckpt.pt"), weights_only=True)
-    assert ckpt["settings"]["user_token"] is False                # the trained run read the history alone ...
-    del ckpt["settings"]["user_token"]                            # ... but its checkpoint no longer says so
-    ckpt["settings"]["run"] = "before_user"
-    torch.save(ckpt, os.path.join(old, "ckpt.pt"))
-    with pytest.raises(data.InputError, match=r"other settings \(user_token\)"):
-        tiger.main(run_args(beauty_slice, "before_user", steps=20) + ["--resume"])
-
-
 @pytest.mark.parametrize("protocol", [2, pickle.DEFAULT_PROTOCOL])
 def test_a_pickle_that_would_run_code_is_refused_and_not_run(tmp_path, protocol):
     class Exploit:
@@ -1552,15 +1523,58 @@ def test_a_corrupt_checkpoint_is_one_clear_error(tmp_path):
         evaluation.main([f"--ckpt={tmp_path / 'best.pt'}"])
 
 
-@pytest.mark.parametrize("flags, expected", [
-    (["--demo=100000"], "--demo=100000, but the test split has only"),
-    (["--beam_size=5"], "--beam_size must be >= 10"),
-    (["--split=train"], "split must be one of valid, test"),
-    (["--epsilon=1.5"], r"epsilon must be in \[0, 1\]"),
-])
-def test_eval_options_out_of_range_are_one_clear_error(trained, flags, expected):
-    with pytest.raises(data.InputError, match=expected):
-        evaluation.main([f"--ckpt={os.path.join(trained, 'best.pt')}"] + flags)
+# ==============================================================================================
+# 9. The report and the command line
+
+def write_run(folder, dataset, seed, recall10, ids="rqvae", **settings):
+    os.makedirs(folder, exist_ok=True)
+    data.write_json(os.path.join(folder, "config.json"), {**tiger.DEFAULTS, "dataset": dataset, "ids": ids,
+                                                         "seed": seed, **settings})
+    test = {"recall@5": recall10 / 2, "ndcg@5": recall10 / 4, "recall@10": recall10, "ndcg@10": recall10 / 3}
+    data.write_json(os.path.join(folder, "metrics.json"), {
+        "test": test, "test_most_popular": {"recall@10": 0.0114}, "wall_s": 600.0, "best_step": 12000,
+        "provenance": {"command": "python tiger.py", "commit": "abc1234", "machine": "AMD EPYC", "threads": 2}})
+
+
+def test_report_sets_every_finished_run_beside_the_paper(tmp_path, capsys):
+    out = tmp_path / "out"
+    write_run(out / "beauty" / "rqvae" / "tiger", "beauty", 1337, 0.0490)
+    write_run(out / "beauty" / "rqvae" / "seed1", "beauty", 1, 0.0500)
+    write_run(out / "beauty" / "rqvae" / "user", "beauty", 1337, 0.0400, user_token=True)
+    write_run(out / "beauty" / "rqvae" / "long", "beauty", 1337, 0.0600, user_token=True, max_steps=48000)
+    write_run(out / "beauty" / "rqkmeans" / "joint", "beauty", 1337, 0.0450, ids="rqkmeans", fit_with="sports,toys",
+              user_token=True, user_dropout=0.5)
+    write_run(out / "toys" / "lsh" / "tiger", "toys", 1337, 0.0300, ids="lsh")
+    write_run(out / "sports" / "rqvae" / "old", "sports", 1337, 0.0240, user_dropout=0.5)
+    old_config = out / "sports" / "rqvae" / "old" / "config.json"           # written before --user_token
+    old_config.write_text(json.dumps({k: v for k, v in json.loads(old_config.read_text()).items() if k != "user_token"}))
+    (out / "beauty" / "rqvae").mkdir(exist_ok=True)                          # an ID folder: not a run
+    evaluation.main([f"--report={out}"])
+    table = capsys.readouterr().out
+    # two seeds of the default: mean 0.0495, standard error 0.0005 (std 0.000707 / sqrt 2)
+    assert "| beauty | rqvae | default | 2 | 0.0248 ± 0.0003 | 0.0124 ± 0.0001 | 0.0495 ± 0.0005 |" in table
+    assert "| beauty | paper, Table 1 | | | 0.0454 | 0.0321 | 0.0648 | 0.0384 | |" in table
+    assert "| beauty | paper, Table 9 | | 3 | 0.0441 ± 0.0007 |" in table      # beside the seeds' mean
+    assert "| beauty | rqvae | user_token=True | 1 | 0.0200 |" in table       # Table 8's row with the token
+    assert "| beauty | paper, Table 8 | | | 0.0454 | 0.0321 | 0.0648 | 0.0384 | |" in table
+    lines = table.splitlines()       # a recipe the paper did not measure gets no paper row beside it
+    after_long = lines[lines.index("| beauty | rqvae | max_steps=48000 user_token=True | 1 | 0.0300 | 0.0150 | "
+                                   "0.0600 | 0.0200 | 0.0114 |") + 1]
+    assert "paper" not in after_long
+    assert "| beauty | rqkmeans | fit_with=sports,toys user_dropout=0.5 user_token=True | 1 | 0.0225 |" in table
+    assert "| beauty | paper, Table 10 | | | 0.0435 | 0.0305 | 0.0631 | 0.0368 | |" in table
+    assert "sports/rqvae/old: written before the setting(s) user_token existed" in table   # left out
+    assert "| sports |" not in table
+    assert "| toys | lsh | default | 1 | 0.0150 |" in table and "| toys | paper, Table 1" not in table
+    assert "| toys | paper, Table 2 | | | 0.0412 | 0.0299 | 0.0566 | 0.0349 | |" in table
+    assert "| 10.0 min | abc1234 | AMD EPYC, threads: 2 | `python tiger.py` |" in table
+
+
+def test_report_refuses_a_malformed_run_naming_the_file(tmp_path):
+    write_run(tmp_path / "beauty" / "rqvae" / "tiger", "beauty", 1337, 0.0490)
+    (tmp_path / "beauty" / "rqvae" / "tiger" / "metrics.json").write_text('{"test": {"recall@10": "high"}}')
+    with pytest.raises(data.InputError, match=r"tiger/metrics.json is not a finished run's metrics.json"):
+        evaluation.main([f"--report={tmp_path}"])
 
 
 @pytest.mark.parametrize("script, args", [
@@ -1573,3 +1587,139 @@ def test_the_command_line_shows_a_fault_as_one_line(script, args):
     out = subprocess.run([sys.executable, script] + args, cwd=HERE, capture_output=True, text=True)
     assert out.returncode == 1 and out.stderr.startswith("error: ") and "Traceback" not in out.stderr
     assert out.stderr.count("\n") == 1
+
+
+# ---- the faults of the 2026-12-05 review, each pinned against the failing case ------------------
+
+def test_two_dataset_folders_of_one_name_never_replace_each_others_ids(tmp_path):
+    # a/tiny and b/tiny both file their IDs under out/tiny/: building b must not replace a's silently
+    a = _write_dataset(str(tmp_path / "a" / "tiny"), ["u1 1 2 3", "u2 3 2 1"],
+                       emb=np.random.default_rng(0).normal(size=(3, 8)).astype(np.float16))
+    b = _write_dataset(str(tmp_path / "b" / "tiny"), ["u1 1 2 3", "u2 3 2 1"],
+                       emb=np.random.default_rng(1).normal(size=(3, 8)).astype(np.float16))
+    out = str(tmp_path / "out")
+    codes, _, _ = prepare.main([f"--dataset={a}", f"--out_dir={out}", "--ids=lsh"])
+    with pytest.raises(data.InputError, match="another dataset folder named 'tiny'.*--out_dir.*--force"):
+        prepare.main([f"--dataset={b}", f"--out_dir={out}", "--ids=lsh"])
+    assert np.array_equal(data.load_codes(data.load_dataset(a), "lsh", out), codes)   # a's are intact
+    prepare.main([f"--dataset={b}", f"--out_dir={out}", "--ids=lsh", "--force"])       # on request
+
+
+def test_cold_start_folders_keep_the_share_exactly():
+    assert data.ids_folder("out", "beauty", "rqkmeans", 0.05) == os.path.join("out", "beauty", "rqkmeans-cold0.05")
+    assert data.ids_folder("out", "beauty", "rqkmeans", 0.05000001) != data.ids_folder("out", "beauty", "rqkmeans", 0.05)
+
+
+@pytest.mark.parametrize("line, expected", [
+    ("u2 1 99999999999999999999999 2", "item id 99999999999999999999 is out of range"),
+    ("u1 3 2 1", "user u1 again .first on line 1."),
+    ("u2 1 ² 2", "is malformed"),
+])
+def test_sequences_with_a_huge_id_a_repeated_user_or_odd_digits_are_refused(tmp_path, line, expected):
+    folder = _write_dataset(str(tmp_path / "d"), ["u1 1 2 3", line])
+    with pytest.raises(data.InputError, match=expected):
+        data.load_dataset(folder)
+
+
+def test_files_that_are_not_utf8_are_one_clear_error(tmp_path):
+    folder = _write_dataset(str(tmp_path / "d"), ["u1 1 2 3", "u2 3 2 1"])
+    with open(os.path.join(folder, "sequences.txt"), "ab") as f:
+        f.write(b"u3 1 2 \xff\xfe\n")
+    with pytest.raises(data.InputError, match="sequences.txt: not UTF-8 text"):
+        data.load_dataset(folder)
+
+
+def test_report_refuses_nan_and_out_of_range_metrics(tmp_path):
+    for value in (float("nan"), 1.5, -0.1):
+        write_run(tmp_path / "beauty" / "rqvae" / "tiger", "beauty", 1337, 0.0490)
+        path = tmp_path / "beauty" / "rqvae" / "tiger" / "metrics.json"
+        metrics = json.loads(path.read_text())
+        metrics["test"]["ndcg@5"] = value
+        path.write_text(json.dumps(metrics))
+        with pytest.raises(data.InputError, match="tiger/metrics.json is not a finished run's"):
+            evaluation.main([f"--report={tmp_path}"])
+
+
+def test_eval_history_empty_or_odd_is_one_clear_error(trained):
+    best = f"--ckpt={os.path.join(trained, 'best.pt')}"
+    for flag in ("--history=", "--history=²", "--history= , "):
+        with pytest.raises(data.InputError, match="--history"):
+            evaluation.main([best, flag])
+
+
+def test_an_item_without_a_title_is_shown_all_the_same(trained, capsys):
+    sc = evaluation.Scorer({**evaluation.DEFAULTS, "ckpt": os.path.join(trained, "best.pt")})
+    items = [dict(it) for it in sc.ds.items]
+    del items[0]["title"]
+    evaluation.show(replace(sc.ds, items=items), sc.tokenizer, "user", [1, 2], [1, 3])
+    assert "(no title)" in capsys.readouterr().out
+
+
+def test_random_bytes_as_a_checkpoint_are_called_corrupt(tmp_path):
+    (tmp_path / "best.pt").write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(data.InputError, match="corrupt or not a nanoTIGER checkpoint") as err:
+        evaluation.main([f"--ckpt={tmp_path / 'best.pt'}"])
+    assert "run code" not in str(err.value)
+
+
+def test_a_missing_best_pt_beside_a_ckpt_pt_says_so(tmp_path):
+    (tmp_path / "ckpt.pt").write_bytes(b"")
+    with pytest.raises(data.InputError, match="best.pt appears at the run's first validation; score"):
+        evaluation.main([f"--ckpt={tmp_path / 'best.pt'}"])
+
+
+def test_resume_takes_the_dataset_spelt_differently_and_a_copied_run_folder(beauty_slice, trained):
+    copy_dir = run_dir(beauty_slice, "copied")
+    shutil.copytree(trained, copy_dir)
+    args = run_args(beauty_slice, "copied", steps=20)
+    args[0] = args[0].rstrip("/") + "/"                       # the dataset folder spelt another way
+    assert tiger.main(args + ["--resume"])["best_step"] == 20
+
+
+def test_resume_with_other_settings_shows_both_values(beauty_slice, trained):
+    with pytest.raises(data.InputError, match=r"other settings \(lr: 0.005 there, 0.1 now\)"):
+        tiger.main(run_args(beauty_slice, "trained", steps=20) + ["--resume", "--lr=0.1"])
+
+
+def test_a_run_from_before_an_option_is_refused_by_resume_and_left_out_of_the_report(
+        beauty_slice, trained, capsys):
+    old = run_dir(beauty_slice, "before_user")
+    shutil.copytree(trained, old)
+    ckpt = torch.load(os.path.join(old, "ckpt.pt"), weights_only=True)
+    del ckpt["settings"]["user_token"]                        # as tiger.py wrote it before the option
+    torch.save(ckpt, os.path.join(old, "ckpt.pt"))
+    with pytest.raises(data.InputError, match="written before the option.s. user_token existed"):
+        tiger.main(run_args(beauty_slice, "before_user", steps=20) + ["--resume"])
+    config = json.loads(open(os.path.join(old, "config.json")).read())
+    del config["user_token"]
+    data.write_json(os.path.join(old, "config.json"), config)
+    evaluation.main([f"--report={os.path.dirname(old)}"])
+    report = capsys.readouterr().out
+    assert f"left out {old}: written before the setting(s) user_token existed" in report
+    assert "| beauty1k |" in report                                # the other runs are reported
+
+
+def test_a_long_run_name_is_refused_for_its_length(beauty_slice):
+    with pytest.raises(data.InputError, match="at most 100 characters .got 101."):
+        tiger.main(run_args(beauty_slice, "a" * 101))
+
+
+def test_a_failed_start_leaves_no_empty_run_folder(beauty_slice):
+    with pytest.raises(data.InputError, match="missing"):
+        tiger.main(run_args(beauty_slice, "nolsh2") + ["--ids=lsh"])   # no LSH IDs were built
+    assert not os.path.exists(os.path.join(beauty_slice[1], "beauty1k", "lsh", "nolsh2"))
+
+
+def test_ctrl_c_says_how_to_continue(beauty_slice):
+    import signal
+    import time
+    proc = subprocess.Popen([sys.executable, "tiger.py"] + run_args(beauty_slice, "interrupted", steps=100000),
+                            cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while time.time() < deadline and not os.path.exists(os.path.join(run_dir(beauty_slice, "interrupted"),
+                                                                     "config.json")):
+        time.sleep(0.5)                                        # training has started
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "--resume" in err and "Traceback" not in err

@@ -3,16 +3,20 @@ tiger.py -- the generative retriever of TIGER (paper Sec. 3.2 and 4), trained an
 
 A sequence-to-sequence transformer reads a user token and the Semantic IDs of the user's last 20
 items (the CPU default leaves the user token out, Table 8's ablation, which does better here) and
-generates the Semantic ID of the next item, one code at a time. Beam search over the
-codes, kept to valid IDs, gives a ranked list of items. This file reads in one straight line:
+generates the Semantic ID of the next item, one code at a time. Beam search over the codes, kept
+to valid IDs, gives a ranked list of items.
 
-  1. config: the run's settings as plain globals (`python tiger.py config/tiger_paper.py --lr=0.003`)
+Part I is the method, in one straight line:
+  1. config: the run's settings as plain globals
+     (`python tiger.py config/tiger_paper.py --lr=0.003`)
   2. the model, written by hand in T5's manner and described by one TIGERConfig: RMSNorm, relative
      position bias, attention, ReLU MLP, encoder and decoder layers, the output layer
-  3. decoding: prefix tables of the valid IDs, constrained beam search, cold-start candidates and
-     the epsilon rule, scoring a whole split
-  4. training: input dropout, learning-rate schedule, optimizer, weight average, checkpoints that
-     carry their Semantic IDs, the loop with validation-only model selection, one final test
+  3. decoding: prefix tables of the valid IDs, constrained beam search, sampling at a temperature,
+     cold-start candidates and the epsilon rule, scoring a whole split
+  4. training: input dropout, learning-rate schedule, optimizer, weight average, the loop with
+     validation-only model selection, one final test
+Part II is the workshop: settings checked at the door, the run folder (resume, overwrite),
+checkpoints that carry their Semantic IDs, the speed benchmark, the command line.
 
 Run `python prepare.py && python tiger.py`.
 """
@@ -34,36 +38,42 @@ from tqdm import tqdm
 import data
 import eval as evaluation  # eval.py: the metrics ("eval" would shadow the builtin)
 
+# ==============================================================================================
+# Part I. The method.
+
 # ----------------------------------------------------------------------------------------------
 # 1. Config. Paper values (Sec. 4, "Sequence to Sequence Model Training") in the comments; the
 # defaults are the CPU recipe (results/README.md has how each was chosen); config/tiger_paper.py
 # is the paper's. The model settings among these become the model's own TIGERConfig (chapter 2).
 # Steps count from 0 inside the training loop; "step N" in logs and checkpoints means N steps done.
 dataset = "beauty"        # beauty | sports | toys, or a dataset folder
-ids = "rqkmeans"          # which Semantic IDs (prepare.py --ids): rqkmeans (the CPU default) | rqvae (the
-                          # paper's, Sec. 3.1) | lsh | random (Table 2)
+ids = "rqkmeans"          # which Semantic IDs (prepare.py --ids): rqkmeans (the CPU default) |
+                          # rqvae (the paper's, Sec. 3.1) | lsh | random (Table 2)
 out_dir = "out"           # the IDs are in out/<dataset>/<ids>/, this run goes to .../<ids>/<run>/
 run = "tiger"             # name of this run's folder (letters, digits, . _ -)
 overwrite = False         # start over in a run folder that holds an earlier run (else: an error)
 resume = False            # continue the run in <run folder>/ckpt.pt
-cold_start = 0.0          # > 0: the cold-start experiment (Sec. 4.3; paper 0.05): train without this
-                          # share of the test targets (data.unseen_items), on the IDs prepare.py
-                          # --cold_start built in out/<dataset>/<ids>-cold<share>/; eval.py --cold_start scores it
-fit_with = ""             # e.g. "sports,toys": train on the IDs prepare.py --fit_with learnt together with
-                          # those datasets' items (App. E, Table 10), in out/<dataset>/<ids>-with-<datasets>/
+cold_start = 0.0          # > 0: the cold-start experiment (Sec. 4.3; paper 0.05): train without
+                          # this share of the test targets (data.unseen_items), on the IDs
+                          # prepare.py --cold_start built in out/<dataset>/<ids>-cold<share>/;
+                          # eval.py --cold_start scores it
+fit_with = ""             # e.g. "sports,toys": train on the IDs prepare.py --fit_with learnt
+                          # together with those datasets' items (App. E, Table 10), in
+                          # out/<dataset>/<ids>-with-<datasets>/
 # the model (TIGERConfig)
 n_layer = 2               # encoder layers and decoder layers (paper: 4 + 4)
 n_head = 2                # paper: 6
-head_dim = 32             # paper: 64 (so attention works in 6 x 64 = 384 dims, wider than the model)
+head_dim = 32             # paper: 64 (attention works in 6 x 64 = 384 dims, wider than the model)
 d_model = 64              # paper: 128
 d_ff = 256                # paper: MLP 1024, ReLU
 dropout = 0.0             # paper: 0.1, where T5 drops: embeddings, sublayer outputs, attention
                           # probabilities, MLP hidden units. Off here (results log: "no dropout")
-softmax = "level"         # level: decoder position l scores only level l's codes (a softmax over ~256)
+softmax = "level"         # level: decoder position l scores only level l's codes (~256-way softmax)
                           # full: T5's softmax over the whole vocabulary (T5X, so the paper)
 n_user_buckets = 2000     # paper: 2,000 hashed user tokens (Sec. 4)
-user_token = False        # True: the encoder reads the user token first (Sec. 4, the paper's TIGER);
-                          # False: the history alone, Table 8's ablation, better on validation here
+user_token = False        # True: the encoder reads the user token first (Sec. 4, the paper's
+                          # TIGER); False: the history alone, Table 8's ablation, better on
+                          # validation here
 # input dropout, training only (beyond the paper, which uses neither)
 item_dropout = 0.15       # hide each history item (all its L tokens) with this probability
 user_dropout = 0.0        # with user_token: hide the user token with this probability
@@ -75,7 +85,7 @@ optimizer = "adamw"       # adamw | adafactor (T5X, the paper's framework, uses 
 lr = 0.003                # peak learning rate (paper: 0.01)
 weight_decay = 0.1        # adamw only (decoupled)
 warmup_steps = 300        # paper: 10k steps at constant lr, then inverse square root decay
-schedule = "cosine"       # cosine (warmup, then cosine decay to 0 at max_steps) | rsqrt (the paper's)
+schedule = "cosine"       # cosine (warmup, then cosine decay to 0 at max_steps) | rsqrt (paper's)
 max_steps = 12000         # paper: 200k
 grad_clip = 1.0           # clip the global gradient norm (paper: not said)
 ema = 0.999               # > 0: validate, keep and test a moving average of the weights with this
@@ -83,63 +93,20 @@ ema = 0.999               # > 0: validate, keep and test a moving average of the
 seed = 1337
 # evaluation and model selection (validation split only; the test split is read once, at the end)
 beam_size = 40            # beams kept, and the length of the returned ranking (paper: not said)
-eval_every = 3000         # steps between validation evaluations (each decodes every validation user;
-                          # with the cosine schedule and EMA the last one has so far always been best)
+eval_every = 3000         # steps between validation evaluations (each decodes every validation
+                          # user; with the cosine schedule and EMA the last one has so far always
+                          # been best)
 eval_users = 0            # validation users for model selection: 0 = all, n > 0 = a fixed random n
 eval_batch_size = 512
 patience = 3              # stop after this many evaluations without a better validation Recall@10
-bench = False             # measure speed instead of training: train examples/s, eval users/s, memory
+bench = False             # measure speed instead of training: train examples/s, eval users/s,
+                          # memory
 profile = False           # with bench: where the time goes (torch.profiler's top operations)
 device = "auto"           # auto (cuda if available, else cpu) | cpu | cuda
 precision = "auto"        # auto: bf16 autocast on a GPU and on a CPU with native bf16 (AVX512-BF16
                           # or AMX), else float32 | bf16 | fp32. T5X also computes in bf16.
-DEFAULTS = data.settings(globals())  # the run's settings start from these; the command line overrides
-# settings added after some runs were written, at the value those runs trained with (resuming such a
-# run, and eval.py's report, read a missing setting as this)
-BEFORE_THE_OPTION = {"cold_start": 0.0, "fit_with": "", "user_token": True}
-RANGES = {  # what validate_settings accepts; beam_size >= 10 because the metrics go up to K = 10
-    **{k: "[1, inf)" for k in ("n_layer", "n_head", "head_dim", "d_model", "d_ff", "n_user_buckets",
-                               "batch_size", "max_steps", "eval_every", "eval_batch_size", "patience")},
-    **{k: "[0, 1)" for k in ("dropout", "item_dropout", "user_dropout", "ema")}, "cold_start": "[0, 0.5]",
-    **{k: "[0, inf)" for k in ("warmup_steps", "eval_users", "seed")},
-    "beam_size": "[10, inf)", "lr": "(0, 1]", "weight_decay": "[0, 1]", "grad_clip": "(0, inf)",
-    "ids": data.ID_SCHEMES, "softmax": ("level", "full"), "optimizer": ("adamw", "adafactor"),
-    "schedule": ("cosine", "rsqrt"), "device": ("auto", "cpu", "cuda"),
-    "precision": ("auto", "bf16", "fp32"),
-}
-
-
-def validate_settings(settings):
-    """Every setting checked at the door (RANGES, and a few rules that tie settings together)."""
-    data.check_settings(settings, RANGES)
-    if settings["schedule"] == "rsqrt" and settings["warmup_steps"] < 1:
-        raise data.InputError("bad config: warmup_steps must be >= 1 with schedule=rsqrt")
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", settings["run"]):
-        raise data.InputError(f"bad config: run must be a plain folder name of letters, digits, '.', "
-                              f"'_' or '-', not starting with '.' (got {settings['run']!r})")
-    if settings["user_dropout"] > 0 and not settings["user_token"]:
-        raise data.InputError("bad config: user_dropout hides the user token, but user_token=False "
-                              "leaves it out altogether; set --user_dropout=0")
-    if settings["resume"] and settings["overwrite"]:
-        raise data.InputError("bad config: --resume continues a run and --overwrite starts it over; "
-                              "give one of them")
-    if settings["device"] == "cuda" and not torch.cuda.is_available():
-        raise data.InputError("device=cuda but no CUDA GPU is visible; use --device=cpu or auto")
-    settings["fit_with"] = ",".join(data.fit_with_names(settings["fit_with"]))  # known names, one spelling
-
-
-def make_autocast(dev, precision):
-    """The context every forward pass runs in: bf16 autocast (matrix products in bfloat16; norms,
-    softmaxes and the loss in float32) or nothing (float32). precision=auto takes bf16 where the
-    hardware has it: a GPU, or a CPU with AVX512-BF16 / AMX. Other CPUs emulate bf16, slower than
-    float32. Returns a function that opens the context: `with autocast(): ...`."""
-    # torch's CPU feature probes are private (torch.cpu._is_*); a build without them counts as "no"
-    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported",
-                                                           "_is_amx_tile_supported")]
-    cpu_bf16 = any(probe is not None and probe() for probe in probes)
-    if precision == "bf16" or (precision == "auto" and (dev == "cuda" or cpu_bf16)):
-        return lambda: torch.autocast(dev, dtype=torch.bfloat16)
-    return contextlib.nullcontext
+# the run's settings start from these; the command line overrides
+DEFAULTS = data.settings(globals())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -154,7 +121,7 @@ def make_autocast(dev, precision):
 @dataclass
 class TIGERConfig:
     vocab_size: int   # data.Tokenizer.vocab_size: PAD, BOS, every level's codes, the user tokens
-    levels: list      # [(first token, number of codes)] of each Semantic-ID level (Tokenizer.levels)
+    levels: list      # [(first token, number of codes)] per Semantic-ID level (Tokenizer.levels)
     n_layer: int      # encoder layers, and as many decoder layers
     n_head: int
     head_dim: int
@@ -163,7 +130,8 @@ class TIGERConfig:
     dropout: float
     softmax: str      # "level" | "full" (TIGER.code_logprobs)
 
-    def __post_init__(self):  # levels as tuples of ints, also after a round trip through a checkpoint
+    def __post_init__(self):
+        # levels as tuples of ints, also after a round trip through a checkpoint
         self.levels = [(int(first), int(n)) for first, n in self.levels]
 
 
@@ -172,7 +140,8 @@ MODEL_KEYS = [f.name for f in fields(TIGERConfig) if f.name not in ("vocab_size"
 
 
 def model_config_for(tokenizer, settings):
-    return TIGERConfig(tokenizer.vocab_size, tokenizer.levels, **{k: settings[k] for k in MODEL_KEYS})
+    return TIGERConfig(tokenizer.vocab_size, tokenizer.levels,
+                       **{k: settings[k] for k in MODEL_KEYS})
 
 
 class RMSNorm(nn.Module):
@@ -183,7 +152,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        return self.weight * x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps).to(x.dtype)
+        inv_rms = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x * inv_rms.to(x.dtype)
 
 
 class RelativePositionBias(nn.Module):
@@ -197,18 +167,19 @@ class RelativePositionBias(nn.Module):
 
     def __init__(self, n_head, bidirectional, n_buckets=32, max_distance=128):
         super().__init__()
-        self.bidirectional, self.n_buckets, self.max_distance = bidirectional, n_buckets, max_distance
+        self.bidirectional = bidirectional
+        self.n_buckets, self.max_distance = n_buckets, max_distance
         self.bias = nn.Embedding(n_buckets, n_head)
 
     def bucket(self, rel):  # rel = key position - query position, (Tq, Tk) long
         n = self.n_buckets
         if self.bidirectional:
             n //= 2
-            offset = (rel > 0).long() * n     # keys after the query get their own half of the buckets
+            offset = (rel > 0).long() * n  # keys after the query get their own half of the buckets
             rel = rel.abs()
         else:
             offset = torch.zeros_like(rel)
-            rel = (-rel).clamp(min=0)         # the decoder only sees the past
+            rel = (-rel).clamp(min=0)      # the decoder only sees the past
         exact = n // 2
         log_bucket = exact + (torch.log(rel.float().clamp(min=1) / exact)
                               / math.log(self.max_distance / exact) * (n - exact)).long()
@@ -237,9 +208,10 @@ class Attention(nn.Module):
         return x.view(x.shape[0], x.shape[1], self.n_head, self.head_dim).transpose(1, 2)
 
     def forward(self, x, source, bias, cache=None, cross=False):
-        """x: (B, Tq, d) queries; source: (B, Tk, d) keys/values; bias: added to the scores, broadcast
-        to (B, H, Tq, Tk), -inf where a key must not be seen. cache (decoding only): a dict holding
-        this layer's keys/values; self-attention appends to it, cross-attention fills it once."""
+        """x: (B, Tq, d) queries; source: (B, Tk, d) keys/values; bias: added to the scores,
+        broadcast to (B, H, Tq, Tk), -inf where a key must not be seen. cache (decoding only): a
+        dict holding this layer's keys/values; self-attention appends to it, cross-attention fills
+        it once."""
         q = self.split(self.q(x))
         if cache is not None and cross and "k" in cache:
             k, v = cache["k"], cache["v"]
@@ -249,20 +221,23 @@ class Attention(nn.Module):
                 if "k" in cache:
                     k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
                 cache["k"], cache["v"] = k, v
-        beams = q.shape[0] // k.shape[0]  # > 1 only in beam search's cross-attention (B*n queries, B keys)
+        # > 1 only in beam search's cross-attention (B*n queries, B keys)
+        beams = q.shape[0] // k.shape[0]
         if beams > 1:  # the n beams of a user share that user's encoder keys/values, so
             # their queries are stacked as n query positions of one row instead of copying the
             # keys/values n times: (B*n, H, Tq, hd) -> (B, H, n*Tq, hd)
-            q = q.view(k.shape[0], beams, self.n_head, -1, self.head_dim).transpose(1, 2).flatten(2, 3)
+            q = q.view(k.shape[0], beams, self.n_head, -1, self.head_dim)
+            q = q.transpose(1, 2).flatten(2, 3)
         # softmax(q k^T / sqrt(head_dim) + bias) v, written out. At these sizes (short sequences,
         # narrow heads) the explicit form is also the faster one on a CPU: torch's fused
         # scaled_dot_product_attention has a slow backward pass when the bias needs a gradient,
         # and T5's learned position bias does (`python tiger.py --bench --profile` shows it)
         att = (q @ k.transpose(-2, -1)) * self.head_dim ** -0.5 + bias.to(q.dtype)  # (B, H, Tq, Tk)
         att = F.dropout(att.softmax(-1), self.attn_dropout, self.training)
-        y = att @ v                                                                  # (B, H, Tq, hd)
+        y = att @ v                                                                 # (B, H, Tq, hd)
         if beams > 1:  # (B, H, n*Tq, hd) -> (B*n, H, Tq, hd)
-            y = y.view(k.shape[0], self.n_head, beams, -1, self.head_dim).transpose(1, 2).flatten(0, 1)
+            y = y.view(k.shape[0], self.n_head, beams, -1, self.head_dim)
+            y = y.transpose(1, 2).flatten(0, 1)
         return self.o(y.transpose(1, 2).flatten(2))
 
 
@@ -295,15 +270,19 @@ class TIGER(nn.Module):
         super().__init__()
         self.config = config
         d = config.d_model
-        self.embed = nn.Embedding(config.vocab_size, d)   # one vocabulary for encoder and decoder (data.py)
+        # one vocabulary for encoder and decoder (data.py)
+        self.embed = nn.Embedding(config.vocab_size, d)
         self.enc_pos = RelativePositionBias(config.n_head, bidirectional=True)
         self.dec_pos = RelativePositionBias(config.n_head, bidirectional=False)
         self.encoder = nn.ModuleList([Block(config, cross=False) for _ in range(config.n_layer)])
         self.decoder = nn.ModuleList([Block(config, cross=True) for _ in range(config.n_layer)])
         self.enc_norm, self.dec_norm = RMSNorm(d), RMSNorm(d)
-        self.emb_dropout = nn.Dropout(config.dropout)     # on the embeddings and the encoder output (T5)
-        self.lm_head = nn.Linear(d, config.vocab_size, bias=False)  # the output layer: a score per token
-        # initialisation: normal, std 0.02 for the two token tables, std d_model^-1/2 for every other matrix
+        # on the embeddings and the encoder output (T5)
+        self.emb_dropout = nn.Dropout(config.dropout)
+        # the output layer: a score per token
+        self.lm_head = nn.Linear(d, config.vocab_size, bias=False)
+        # initialisation: normal, std 0.02 for the two token tables, std d_model^-1/2 for every
+        # other matrix
         for p in self.parameters():
             if p.dim() == 2:
                 token_table = p is self.embed.weight or p is self.lm_head.weight
@@ -312,9 +291,10 @@ class TIGER(nn.Module):
     def encode(self, enc):
         """enc: (B, T) tokens, PAD on the right. Returns memory (B, T, d) and the cross-attention
         bias (B, 1, 1, T): -inf at padding, so the decoder never reads it."""
-        cross_bias = torch.zeros(enc.shape, device=enc.device).masked_fill(enc == data.PAD, float("-inf"))
+        pad = enc == data.PAD
+        cross_bias = torch.zeros(enc.shape, device=enc.device).masked_fill(pad, float("-inf"))
         cross_bias = cross_bias[:, None, None, :]
-        bias = self.enc_pos(enc.shape[1], enc.shape[1]) + cross_bias  # (B, H, T, T), for every layer
+        bias = self.enc_pos(enc.shape[1], enc.shape[1]) + cross_bias  # (B, H, T, T) for every layer
         x = self.emb_dropout(self.embed(enc))
         for block in self.encoder:
             x = block(x, bias)
@@ -328,7 +308,8 @@ class TIGER(nn.Module):
         tq = dec_in.shape[1]
         bias = self.dec_pos(tq, start + tq, q_start=start)  # (1, H, Tq, Tk)
         if tq > 1:  # the causal mask: future keys get -inf (one new token with a cache needs none)
-            future = torch.ones(tq, start + tq, dtype=torch.bool, device=dec_in.device).triu(start + 1)
+            future = torch.ones(tq, start + tq, dtype=torch.bool,
+                                device=dec_in.device).triu(start + 1)
             bias = bias.masked_fill(future, float("-inf"))
         x = self.emb_dropout(self.embed(dec_in))
         for i, block in enumerate(self.decoder):
@@ -401,17 +382,19 @@ class PrefixTables:
         self.item_of_prefix = torch.from_numpy(item_of_prefix).to(device)
 
     def prefix_of(self, codes):
-        """codes (..., l) -> the id of that length-l prefix (...), -1 where no item starts with it."""
+        """codes (..., l) -> the id of that length-l prefix (...), -1 if no item starts with it."""
         codes = codes.to(self.next[0].device)
         prefix = torch.zeros(codes.shape[:-1], dtype=torch.long, device=codes.device)
         for l in range(codes.shape[-1]):  # follow the tables; -1 (no such prefix) stays -1
-            prefix = torch.where(prefix >= 0, self.next[l][prefix.clamp(min=0), codes[..., l]], prefix)
+            prefix = torch.where(prefix >= 0, self.next[l][prefix.clamp(min=0), codes[..., l]],
+                                 prefix)
         return prefix
 
     def items_of(self, codes):
         """codes (..., L) -> item ids (...), 0 where the tuple is no item (an invalid ID)."""
         prefix = self.prefix_of(codes)
-        return torch.where(prefix >= 0, self.item_of_prefix[prefix.clamp(min=0)], torch.zeros_like(prefix))
+        return torch.where(prefix >= 0, self.item_of_prefix[prefix.clamp(min=0)],
+                           torch.zeros_like(prefix))
 
 
 def conditioned_gumbels(parent, g):
@@ -423,7 +406,8 @@ def conditioned_gumbels(parent, g):
     # v = parent - g + log(1 - exp(g - z)); then -log(exp(-parent) - exp(-z) + exp(-g)), stably
     v = parent.unsqueeze(-1) - g + torch.log(-torch.expm1((g - z).clamp(max=0)))
     out = parent.unsqueeze(-1) - v.clamp(min=0) - torch.log1p(torch.exp(-v.abs()))
-    return torch.where(torch.isfinite(z) & torch.isfinite(g), out, torch.full_like(out, float("-inf")))
+    return torch.where(torch.isfinite(z) & torch.isfinite(g), out,
+                       torch.full_like(out, float("-inf")))
 
 
 @torch.no_grad()
@@ -449,7 +433,7 @@ def beam_search(model, enc, tables, beam_size, constrained=True, temperature=0.0
     tokens = torch.full((B, 1), data.BOS, device=dev)        # the current last token of each beam
     prefix = torch.zeros(B, 1, dtype=torch.long, device=dev)  # prefix id of each beam (tables)
     scores = torch.zeros(B, 1, device=dev)                    # log p(prefix) of each beam
-    logq_prefix = torch.zeros(B, 1, device=dev)               # sampling: log q_T(prefix) of each beam
+    logq_prefix = torch.zeros(B, 1, device=dev)               # sampling: log q_T(prefix) per beam
     perturbed = torch.zeros(B, 1, device=dev)                 # ... and its Gumbel-perturbed value
     codes = torch.zeros(B, 1, 0, dtype=torch.long, device=dev)
     for level in range(L):
@@ -459,11 +443,11 @@ def beam_search(model, enc, tables, beam_size, constrained=True, temperature=0.0
         logp = model.code_logprobs(h[:, 0], level).view(B, n_beam, size)  # log p(c_l | c_<l, ...)
         if constrained:
             logp = logp.masked_fill(~tables.allowed[level][prefix], float("-inf"))
-        cand = scores.unsqueeze(-1) + logp                  # (B, n, size): the running sum over levels
+        cand = scores.unsqueeze(-1) + logp                  # (B, n, size): running sum over levels
         key = cand                                          # what the beam keeps the largest of
         if temperature > 0:
-            # log q_T of every child prefix: softmax(logits / T) over the allowed codes
-            logq = logq_prefix.unsqueeze(-1) + torch.log_softmax(logp / temperature, -1)   # (B, n, size)
+            # log q_T of every child prefix (B, n, size): softmax(logits / T) over the allowed codes
+            logq = logq_prefix.unsqueeze(-1) + torch.log_softmax(logp / temperature, -1)
             u = torch.rand(logq.shape, device=dev, generator=generator).clamp(min=1e-12)
             gumbel = logq - torch.log(-torch.log(u))        # each child's own perturbed log q_T ...
             key = conditioned_gumbels(perturbed, gumbel)    # ... conditioned on its parent's
@@ -474,7 +458,8 @@ def beam_search(model, enc, tables, beam_size, constrained=True, temperature=0.0
         if temperature > 0:
             logq_prefix = logq_prefix.gather(1, flat)
         parent, code = flat // size, flat % size
-        codes = torch.cat([codes.gather(1, parent[..., None].expand(-1, -1, level)), code[..., None]], -1)
+        codes = torch.cat([codes.gather(1, parent[..., None].expand(-1, -1, level)),
+                           code[..., None]], -1)
         if constrained:  # (a filler beam reaches no prefix, -1; clamp keeps it a valid index)
             prefix = tables.next[level][prefix.gather(1, parent), code].clamp(min=0)
         tokens = code + first
@@ -482,9 +467,11 @@ def beam_search(model, enc, tables, beam_size, constrained=True, temperature=0.0
         # (the cross-attention cache stays one copy per user: Attention stacks the beams' queries)
         rows = (parent + torch.arange(B, device=dev)[:, None] * n_beam).view(-1)
         for cache in caches:
-            cache["self"]["k"], cache["self"]["v"] = cache["self"]["k"][rows], cache["self"]["v"][rows]
+            cache["self"]["k"] = cache["self"]["k"][rows]
+            cache["self"]["v"] = cache["self"]["v"][rows]
     if temperature > 0:  # a filler (score -inf) must not outrank a drawn item
-        scores = torch.where(torch.isfinite(perturbed), scores, torch.full_like(scores, float("-inf")))
+        scores = torch.where(torch.isfinite(perturbed), scores,
+                             torch.full_like(scores, float("-inf")))
     return codes, scores
 
 
@@ -510,17 +497,21 @@ def ranked_items(tables, codes, scores):
 #                   are taken. epsilon = 0 gives the seen ranking, epsilon = 1 the plain merge.
 # An unseen item's score lacks the factor p(c_L | ...) <= 1 of a seen one, which favours it: the
 # cap is what keeps the unseen items from crowding out the seen ones.
+# Cold start lives here, beside beam search, and not in eval.py: which IDs the model may return is
+# decoding, the method of Sec. 4.3; eval.py only drives it (--cold_start) and measures it.
 
 def unseen_table(tables, codes, unseen):
     """(n_prefixes, G) item ids: the unseen items under each (L-1)-code prefix, 0-padded (G = the
     most under one prefix). tables: PrefixTables over all items; codes: the (n_items, L) table."""
     L = codes.shape[1]
-    prefix = tables.prefix_of(torch.from_numpy(codes[np.asarray(unseen) - 1, :L - 1])).cpu().numpy()  # (n_unseen,)
+    unseen_codes = codes[np.asarray(unseen) - 1, :L - 1]
+    prefix = tables.prefix_of(torch.from_numpy(unseen_codes)).cpu().numpy()  # (n_unseen,)
     order = np.argsort(prefix, kind="stable")
     p = prefix[order]
     first = np.searchsorted(p, p)                  # where each prefix's run starts
     rank = np.arange(len(p)) - first               # position inside its prefix
-    table = np.zeros((tables.allowed[L - 1].shape[0], rank.max() + 1 if len(p) else 1), dtype=np.int64)
+    n_prefixes = tables.allowed[L - 1].shape[0]
+    table = np.zeros((n_prefixes, rank.max() + 1 if len(p) else 1), dtype=np.int64)
     table[p, rank] = np.asarray(unseen)[order]
     return torch.from_numpy(table).to(tables.allowed[0].device)
 
@@ -529,10 +520,12 @@ def unseen_table(tables, codes, unseen):
 def unseen_candidates(model, enc, tables, table, beam_size):
     """The unseen ranking of a batch: (B, beam*G) item ids and scores log p(prefix) (-inf: none).
     tables: over all items (prefixes of unseen items too); table: unseen_table()."""
-    codes, scores = beam_search(model, enc, tables, beam_size, n_levels=len(model.config.levels) - 1)
+    codes, scores = beam_search(model, enc, tables, beam_size,
+                                n_levels=len(model.config.levels) - 1)
     items = table[tables.prefix_of(codes).clamp(min=0)]                            # (B, beam, G)
     scores = scores.float().unsqueeze(-1).expand(items.shape)
-    scores = torch.where((items > 0) & torch.isfinite(scores), scores, torch.full_like(scores, float("-inf")))
+    scores = torch.where((items > 0) & torch.isfinite(scores), scores,
+                         torch.full_like(scores, float("-inf")))
     return items.flatten(1), scores.flatten(1)
 
 
@@ -542,13 +535,16 @@ def epsilon_top_k(seen, seen_scores, unseen, unseen_scores, k, epsilon):
     cap = math.floor(epsilon * k + 1e-9)           # at most this many unseen items
     items = torch.cat([seen, unseen], 1)
     scores = torch.cat([seen_scores.float(), unseen_scores.float()], 1)
-    is_unseen = torch.cat([torch.zeros_like(seen, dtype=torch.bool), torch.ones_like(unseen, dtype=torch.bool)], 1)
-    order = scores.sort(dim=1, descending=True, stable=True).indices  # the merge; seen first on a tie
-    items, scores, is_unseen = items.gather(1, order), scores.gather(1, order), is_unseen.gather(1, order)
-    unseen_ahead = is_unseen.long().cumsum(1) - is_unseen.long()      # unseen items before this one,
+    is_unseen = torch.cat([torch.zeros_like(seen, dtype=torch.bool),
+                           torch.ones_like(unseen, dtype=torch.bool)], 1)
+    # the merge; seen first on a tie
+    order = scores.sort(dim=1, descending=True, stable=True).indices
+    items, scores, is_unseen = (items.gather(1, order), scores.gather(1, order),
+                                is_unseen.gather(1, order))
+    unseen_ahead = is_unseen.long().cumsum(1) - is_unseen.long()  # unseen items before this one,
     # taken or not: once the cap is reached, every later unseen item is refused anyway
     taken = torch.isfinite(scores) & (~is_unseen | (unseen_ahead < cap))
-    position = taken.long().cumsum(1)                                 # 1-based, among the taken
+    position = taken.long().cumsum(1)                             # 1-based, among the taken
     row, col = (taken & (position <= k)).nonzero(as_tuple=True)
     top = torch.zeros(len(items), k, dtype=items.dtype, device=items.device)
     top[row, position[row, col] - 1] = items[row, col]
@@ -570,13 +566,15 @@ def evaluate(model, examples, tokenizer, user_tok, tables, beam_size, batch_size
     subset = np.arange(len(examples))
     if 0 < limit < len(examples):
         subset = np.sort(np.random.default_rng(0).choice(len(examples), limit, replace=False))
-    order = subset[np.argsort(examples.length[subset], kind="stable")]  # similar lengths: less padding
+    # similar lengths: less padding
+    order = subset[np.argsort(examples.length[subset], kind="stable")]
     all_items, all_targets = [], []
-    for start in tqdm(range(0, len(order), batch_size), desc="eval", leave=False, disable=not progress):
+    for start in tqdm(range(0, len(order), batch_size), desc="eval", leave=False,
+                      disable=not progress):
         batch = data.make_batch(examples, order[start:start + batch_size], tokenizer, user_tok)
         with autocast():
-            codes, scores = beam_search(model, batch["enc"].to(device), tables, beam_size, constrained,
-                                        temperature, generator)
+            codes, scores = beam_search(model, batch["enc"].to(device), tables, beam_size,
+                                        constrained, temperature, generator)
         all_items.append(ranked_items(tables, codes, scores).cpu())     # (B, beam)
         all_targets.append(batch["target_item"])
     model.train(was_training)
@@ -598,12 +596,15 @@ def drop_input_tokens(enc, id_length, item_dropout, user_dropout, user_token=Tru
     real token: an encoder with no key at all has nothing to attend to (a softmax over an empty
     set is NaN)."""
     B, T = enc.shape
-    u = int(user_token)                                                # leading user column or none
-    hidden = torch.rand(B, (T - u) // id_length, device=enc.device) < item_dropout  # (B, n) a draw per item
-    hidden = F.pad(hidden.repeat_interleave(id_length, dim=1), (u, 0))              # (B, T), user kept
-    if user_token and user_dropout == 0:  # the user token stays, so a key is always left (and no
-        return enc.masked_fill(hidden, data.PAD)  # draw for it: runs without it keep their random stream)
-    keeps_history = ((enc != data.PAD) & ~hidden)[:, u:].any(1)                     # (B,)
+    u = int(user_token)                                                 # user column first, or none
+    n = (T - u) // id_length                                            # items per history
+    hidden = torch.rand(B, n, device=enc.device) < item_dropout         # (B, n) a draw per item
+    hidden = F.pad(hidden.repeat_interleave(id_length, dim=1), (u, 0))  # (B, T), user kept
+    # the user token stays, so a key is always left (and no draw for it: runs without it keep
+    # their random stream)
+    if user_token and user_dropout == 0:
+        return enc.masked_fill(hidden, data.PAD)
+    keeps_history = ((enc != data.PAD) & ~hidden)[:, u:].any(1)         # (B,)
     if not user_token:  # the history is all there is: a row that would lose every item keeps them
         return enc.masked_fill(hidden & keeps_history[:, None], data.PAD)
     hidden[:, 0] = (torch.rand(B, device=enc.device) < user_dropout) & keeps_history
@@ -660,8 +661,286 @@ def train_step(model, opt, batch, step, settings, dev, autocast):
     return loss
 
 
-def all_finite(model):
-    return all(torch.isfinite(p).all() for p in model.parameters())
+def train(s, run_dir, argv=()):
+    """The run: teacher-forced training, validation every eval_every steps with the best checkpoint
+    kept (model selection on validation only), then the test split, read once, with that
+    checkpoint. s: the run's settings (DEFAULTS overridden by the command line); run_dir: its
+    folder, locked by main(). Returns the metrics written to run_dir/metrics.json. How a run folder
+    is started, resumed or overwritten, and what a checkpoint holds, is Part II's business."""
+    t0 = time.time()
+    saved = open_run_folder(s, run_dir)       # a ckpt.pt to resume from (--resume), or None
+    dev = data.pick_device(s["device"])
+    provenance = data.provenance("tiger.py", list(argv), dev)  # the code as it is at the start
+    # the data: each item's Semantic ID (prepare.py), as tokens; the leave-one-out split (App. C)
+    ds = data.load_dataset(s["dataset"])
+    codes = data.load_codes(ds, s["ids"], s["out_dir"], s["dataset"], s["cold_start"],
+                            s["fit_with"])
+    unseen = data.unseen_items(ds, s["cold_start"])   # cold start: items no training example holds
+    fingerprint = check_same_data(saved, ids_fingerprint(codes, ds, unseen), run_dir)
+    tokenizer = data.Tokenizer(codes, s["n_user_buckets"])
+    user_tok = tokenizer.user_tokens(ds.users) if s["user_token"] else None  # (n_users,) or None
+    tables = PrefixTables(tokenizer, dev, np.flatnonzero(data.seen_items(ds, unseen)) + 1)
+    train_ex, valid, test = data.split(ds, unseen)
+    # the model and its optimizer
+    torch.manual_seed(s["seed"])
+    model = TIGER(model_config_for(tokenizer, s)).to(dev)
+    opt = make_optimizer(model, s)
+    autocast = make_autocast(dev, s["precision"])
+    describe_run(s, ds, tokenizer, model, autocast, train_ex, valid, test, unseen)
+    if s["bench"]:
+        return benchmark(model, opt, train_ex, valid, tokenizer, user_tok, tables, s, dev, autocast)
+    # eval_model is what is validated, kept as best.pt and tested: the moving average of the
+    # weights when ema > 0 (the default), else the trained model itself
+    eval_model = copy.deepcopy(model) if s["ema"] > 0 else model
+    progress = restore(saved, model, eval_model, opt, s, dev)  # step 0, or where the run stopped
+    identity = start_writing(s, run_dir, model, codes, fingerprint)  # what every checkpoint carries
+
+    steps_per_epoch = math.ceil(len(train_ex) / s["batch_size"])
+    model.train()
+    bar = tqdm(range(progress["step"], s["max_steps"]), initial=progress["step"],
+               total=s["max_steps"], desc="train")
+    n_seen, t_last, epoch_batches = 0, time.time(), (None, None)
+    for step in bar:
+        # the batches of an epoch are a function of (seed, epoch) alone: a resumed run sees the
+        # very batches it would have seen
+        epoch, i = divmod(step, steps_per_epoch)
+        if epoch_batches[0] != epoch:
+            epoch_batches = (epoch, data.epoch_batches(train_ex, s["batch_size"],
+                                                       [s["seed"], epoch], s["by_length"]))
+        batch = data.make_batch(train_ex, epoch_batches[1][i], tokenizer, user_tok)
+        loss = train_step(model, opt, batch, step, s, dev, autocast)
+        if s["ema"] > 0:
+            update_ema(eval_model, model, step, s["ema"])
+        n_seen += len(batch["target"])
+        evaluate_now = (step + 1) % s["eval_every"] == 0 or step + 1 == s["max_steps"]
+        if step % 20 == 0 or evaluate_now:   # stop before anything non-finite is saved
+            stop_if_diverged(loss, model, step, progress, run_dir)
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}",
+                            ex_s=f"{n_seen / (time.time() - t_last):.0f}",
+                            lr=f"{opt.param_groups[0]['lr']:.2e}")
+        if not evaluate_now:
+            continue
+        # model selection: validation Recall@10 of the averaged weights; the test split untouched
+        metrics = evaluate(eval_model, valid, tokenizer, user_tok, tables, s["beam_size"],
+                           s["eval_batch_size"], dev, limit=s["eval_users"], autocast=autocast)
+        improved = metrics["recall@10"] > progress["best"]
+        progress.update(step=step + 1, best=max(progress["best"], metrics["recall@10"]),
+                        bad_evals=0 if improved else progress["bad_evals"] + 1,
+                        log=progress["log"] + [{"step": step + 1, "loss": loss.item(), **metrics}])
+        tqdm.write(f"step {step + 1}: loss {loss.item():.3f}, valid recall@10 "
+                   f"{metrics['recall@10']:.4f} ndcg@10 {metrics['ndcg@10']:.4f}"
+                   + " (best)" * improved)
+        save_checkpoints(run_dir, identity, model, eval_model, opt, progress, improved, t0, dev)
+        n_seen, t_last = 0, time.time()
+        if progress["bad_evals"] >= s["patience"]:
+            tqdm.write(f"early stop: no better validation recall@10 in {s['patience']} evaluations")
+            break
+    bar.close()
+
+    # The test split is read exactly once, with the checkpoint that was best on validation.
+    best = load_checkpoint(os.path.join(run_dir, "best.pt"))
+    model.load_state_dict(best["model"])
+    results = {"best_step": best["step"], "n_params": sum(p.numel() for p in model.parameters())}
+    for name, examples in (("valid", valid), ("test", test)):
+        results[name] = evaluate(model, examples, tokenizer, user_tok, tables, s["beam_size"],
+                                 s["eval_batch_size"], dev, autocast=autocast)
+        results[name + "_most_popular"] = evaluation.most_popular(ds, examples, unseen)
+    results.update(wall_s=round(progress["wall_s"] + time.time() - t0, 1), provenance=provenance,
+                   ids_fingerprint=fingerprint, log=progress["log"])
+    finish_run(run_dir, results, ds.name, s["ids"])
+    return results
+
+
+# ==============================================================================================
+# Part II. The workshop: what real use needs around the method. Settings checked at the door, the
+# precision, the run folder (start, resume, overwrite), checkpoints that carry their Semantic IDs,
+# the speed benchmark, and the command line. Nothing here changes what the method computes.
+
+RANGES = {  # what validate_settings accepts; beam_size >= 10 because the metrics go up to K = 10
+    **{k: "[1, inf)" for k in ("n_layer", "n_head", "head_dim", "d_model", "d_ff", "n_user_buckets",
+                               "batch_size", "max_steps", "eval_every", "eval_batch_size",
+                               "patience")},
+    **{k: "[0, 1)" for k in ("dropout", "item_dropout", "user_dropout", "ema")},
+    **{k: "[0, inf)" for k in ("warmup_steps", "eval_users", "seed")},
+    "cold_start": "[0, 0.5]", "beam_size": "[10, inf)", "lr": "(0, 1]", "weight_decay": "[0, 1]",
+    "grad_clip": "(0, inf)", "ids": data.ID_SCHEMES, "softmax": ("level", "full"),
+    "optimizer": ("adamw", "adafactor"), "schedule": ("cosine", "rsqrt"),
+    "device": ("auto", "cpu", "cuda"), "precision": ("auto", "bf16", "fp32"),
+}
+# settings that say where a run lives or how fast it is scored, not what it trains: --resume may
+# change them
+BOOKKEEPING = ("resume", "overwrite", "out_dir", "run", "device", "eval_batch_size", "bench",
+               "profile")
+RUN_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}"   # a run folder's name
+
+
+def validate_settings(settings):
+    """Every setting checked at the door (RANGES, and the rules that tie settings together)."""
+    data.check_settings(settings, RANGES)
+    if settings["schedule"] == "rsqrt" and settings["warmup_steps"] < 1:
+        raise data.InputError("bad config: warmup_steps must be >= 1 with schedule=rsqrt")
+    if len(settings["run"]) > 100:
+        raise data.InputError(f"bad config: run is a folder name of at most 100 characters (got "
+                              f"{len(settings['run'])})")
+    if not re.fullmatch(RUN_NAME, settings["run"]):
+        raise data.InputError(f"bad config: run must be a plain folder name of letters, digits, "
+                              f"'.', '_' or '-', not starting with '.' (got {settings['run']!r})")
+    if settings["user_dropout"] > 0 and not settings["user_token"]:
+        raise data.InputError("bad config: user_dropout hides the user token, but user_token=False "
+                              "leaves it out altogether; set --user_dropout=0")
+    if settings["resume"] and settings["overwrite"]:
+        raise data.InputError("bad config: --resume continues a run and --overwrite starts it "
+                              "over; give one of them")
+    if settings["device"] == "cuda" and not torch.cuda.is_available():
+        raise data.InputError("device=cuda but no CUDA GPU is visible; use --device=cpu or auto")
+    settings["fit_with"] = ",".join(data.fit_with_names(settings["fit_with"]))  # one spelling
+
+
+def make_autocast(dev, precision):
+    """The context every forward pass runs in: bf16 autocast (matrix products in bfloat16; norms,
+    softmaxes and the loss in float32) or nothing (float32). precision=auto takes bf16 where the
+    hardware has it: a GPU, or a CPU with AVX512-BF16 / AMX. Other CPUs emulate bf16, slower than
+    float32. Returns a function that opens the context: `with autocast(): ...`."""
+    # torch's CPU feature probes are private (torch.cpu._is_*); a build without them counts as "no"
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported",
+                                                           "_is_amx_tile_supported")]
+    cpu_bf16 = any(probe is not None and probe() for probe in probes)
+    if precision == "bf16" or (precision == "auto" and (dev == "cuda" or cpu_bf16)):
+        return lambda: torch.autocast(dev, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+# ---- the run folder: start, resume, overwrite ---------------------------------------------------
+
+def run_paths(run_dir):
+    return {name: os.path.join(run_dir, name + ext) for name, ext in
+            (("ckpt", ".pt"), ("best", ".pt"), ("metrics", ".json"), ("config", ".json"))}
+
+
+def open_run_folder(s, run_dir):
+    """The rules of a run folder, checked before any work: --resume needs a ckpt.pt trained with
+    the same settings (returned, loaded); without it, a folder holding an earlier run is refused
+    unless --overwrite (which removes it only once everything else has loaded: start_writing)."""
+    paths = run_paths(run_dir)
+    earlier = [p for key, p in paths.items() if key != "config" and os.path.exists(p)]
+    if not s["resume"]:
+        if earlier and not s["bench"] and not s["overwrite"]:
+            names = ", ".join(os.path.basename(p) for p in earlier)
+            raise data.InputError(f"{run_dir} holds an earlier run ({names}); continue it with "
+                                  f"--resume, start it over with --overwrite, or name a new run "
+                                  f"with --run=NAME")
+        return None
+    if not os.path.isfile(paths["ckpt"]):
+        raise data.InputError(f"--resume: there is no {paths['ckpt']} to continue; start without "
+                              f"--resume")
+    ckpt = load_checkpoint(paths["ckpt"], for_resume=True)
+    saved = ckpt["settings"]
+    newer = [k for k in s if k not in BOOKKEEPING and k not in saved]
+    if newer:
+        raise data.InputError(f"--resume: {paths['ckpt']} was written before the option(s) "
+                              f"{', '.join(newer)} existed, so it cannot be resumed; start afresh "
+                              f"(eval.py can still score its best.pt)")
+    same = {"dataset": data.dataset_name}   # 'beauty' and 'data/beauty/' are one dataset (the
+    # data itself is compared by its fingerprint: check_same_data)
+    changed = [k for k in s if k not in BOOKKEEPING
+               and same.get(k, lambda v: v)(saved[k]) != same.get(k, lambda v: v)(s[k])]
+    if changed:
+        diff = ", ".join(f"{k}: {saved[k]!r} there, {s[k]!r} now" for k in changed)
+        raise data.InputError(f"--resume: {paths['ckpt']} was trained with other settings "
+                              f"({diff}); resume with the same settings, or start afresh")
+    return ckpt
+
+
+def check_same_data(saved, fingerprint, run_dir):
+    """A resumed run must go on with the very Semantic IDs and data it started with."""
+    if saved is not None and saved["ids_fingerprint"] != fingerprint:
+        raise data.InputError(f"--resume: the Semantic IDs or data of this run changed after it "
+                              f"started (prepare.py rebuilt {os.path.dirname(run_dir)}, or the "
+                              f"dataset changed); it cannot go on with them. Score it with `python "
+                              f"eval.py --ckpt={run_paths(run_dir)['best']}` (it keeps its own "
+                              f"IDs), or start a new run")
+    return fingerprint
+
+
+def describe_run(s, ds, tokenizer, model, autocast, train_ex, valid, test, unseen):
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"TIGER on {ds.name} ({s['ids']} IDs of length {tokenizer.id_length}, vocab "
+          f"{tokenizer.vocab_size}): {n_params / 1e6:.2f}M parameters, device "
+          f"{next(model.parameters()).device.type}, "
+          f"{'float32' if autocast is contextlib.nullcontext else 'bf16 autocast'}")
+    print(f"examples: {len(train_ex):,} train, {len(valid):,} valid, {len(test):,} test")
+    if len(unseen):
+        print(f"cold start: {len(unseen)} unseen items, in no training example; validation and "
+              f"test decode the seen items only (eval.py --cold_start adds the unseen ones)")
+
+
+def restore(saved, model, eval_model, opt, s, dev):
+    """The training state to start from: step 0, or the saved one of a resumed run (weights,
+    optimizer, weight average, random state). Returns the progress dict that ckpt.pt keeps."""
+    progress = {"step": 0, "best": -1.0, "bad_evals": 0, "log": [], "wall_s": 0.0}
+    if saved is None:
+        return progress
+    model.load_state_dict(saved["model"])
+    opt.load_state_dict(saved["optimizer"])
+    if s["ema"] > 0:
+        eval_model.load_state_dict(saved["ema_model"])
+    progress.update({k: saved[k] for k in ("step", "best", "bad_evals", "log")},
+                    wall_s=saved.get("wall_s", 0.0))
+    torch.set_rng_state(saved["rng"])
+    if saved.get("cuda_rng") is not None and dev == "cuda":
+        torch.cuda.set_rng_state_all(saved["cuda_rng"])
+    if progress["bad_evals"] >= s["patience"]:  # it had stopped early: nothing left to train
+        progress["step"] = s["max_steps"]
+    print(f"resumed at step {progress['step']}")
+    return progress
+
+
+def start_writing(s, run_dir, model, codes, fingerprint):
+    """Everything has loaded: only now is an --overwrite'n run removed, and config.json written.
+    Returns what every checkpoint carries: enough to rebuild and score the model with nothing
+    else (its config, the run's settings, the Semantic-ID table, the data's fingerprint)."""
+    paths = run_paths(run_dir)
+    if s["overwrite"]:
+        for p in paths.values():
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(p)
+    data.write_json(paths["config"], s)
+    return {"model_config": asdict(model.config), "settings": s,
+            "codes": torch.from_numpy(codes), "ids_fingerprint": fingerprint}
+
+
+def stop_if_diverged(loss, model, step, progress, run_dir):
+    """A non-finite loss or weight stops the run with the last good checkpoint kept."""
+    if math.isfinite(loss.item()) and all(torch.isfinite(p).all() for p in model.parameters()):
+        return
+    kept = (f"{run_paths(run_dir)['ckpt']} keeps the state of step {progress['log'][-1]['step']}"
+            if progress["log"] else "nothing was saved")
+    raise data.InputError(f"the training loss became {loss.item()} at step {step + 1} (or the "
+                          f"weights stopped being finite); the run stops here and {kept}. Lower "
+                          f"--lr or --grad_clip and start over with --overwrite")
+
+
+def save_checkpoints(run_dir, identity, model, eval_model, opt, progress, improved, t0, dev):
+    """best.pt: the validated weights, when they improved; ckpt.pt: the whole training state."""
+    paths = run_paths(run_dir)
+    if improved:
+        save_checkpoint(paths["best"], {**identity, "model": eval_model.state_dict(),
+                                        "step": progress["step"]})
+    save_checkpoint(paths["ckpt"], {
+        **identity, "model": model.state_dict(), "optimizer": opt.state_dict(),
+        "ema_model": eval_model.state_dict() if eval_model is not model else None,
+        **{k: progress[k] for k in ("step", "best", "bad_evals", "log")},
+        "wall_s": progress["wall_s"] + time.time() - t0, "rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if dev == "cuda" else None})
+
+
+def finish_run(run_dir, results, name, ids):
+    path = run_paths(run_dir)["metrics"]
+    data.write_json(path, results)
+    evaluation.print_table(results, name, ids)
+    print(f"wall time {results['wall_s'] / 60:.1f} min; best checkpoint "
+          f"{run_paths(run_dir)['best']} (step {results['best_step']}); metrics {path}")
 
 
 # ---- checkpoints: the weights, the configs, and the Semantic-ID table they were trained on -----
@@ -674,18 +953,26 @@ def load_checkpoint(path, for_resume=False):
     """A checkpoint written by train(), loaded without unpickling arbitrary objects: best.pt or
     ckpt.pt to score; for_resume, a ckpt.pt with the training state too."""
     if not os.path.isfile(path):
-        raise data.InputError(f"checkpoint {path} not found; train one with `python tiger.py`")
+        folder = os.path.dirname(path) or "."
+        if os.path.isfile(os.path.join(folder, "ckpt.pt")):  # a run that has not validated yet
+            raise data.InputError(f"checkpoint {path} not found: best.pt appears at the run's "
+                                  f"first validation; score {os.path.join(folder, 'ckpt.pt')} "
+                                  f"meanwhile")
+        raise data.InputError(f"checkpoint {path} not found; train one with `python tiger.py` "
+                              f"(it writes out/<dataset>/<ids>/<run>/best.pt)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        if "Weights only load failed" in str(e):  # torch's safe loader met a Python object
-            named = re.search(r"GLOBAL (\S+)", str(e))
-            raise data.InputError(f"refused to load {path}: it holds Python objects, not only tensors and "
-                                  f"plain values, and unpickling it would run code"
-                                  f"{f' ({named.group(1)})' if named else ''}; only checkpoints written by "
-                                  f"tiger.py load") from None
+        with open(path, "rb") as f:   # torch.save writes a zip archive; a bare pickle starts \x80
+            pickle_stream = f.read(1) == b"\x80"
+        named = re.search(r"GLOBAL (\S+)", str(e))   # the Python object the safe loader met
+        if pickle_stream or named:   # unpickling it would run code: never done here
+            raise data.InputError(f"refused to load {path}: it holds Python objects, not only "
+                                  f"tensors and plain values, and unpickling it would run code"
+                                  f"{f' ({named.group(1)})' if named else ''}; only checkpoints "
+                                  f"written by tiger.py load") from None
         raise data.InputError(f"checkpoint {path} is corrupt or not a nanoTIGER checkpoint "
-                              f"({type(e).__name__}: {str(e)[:200]}); delete it and train again") from None
+                              f"({type(e).__name__}); delete it and train again") from None
     if not isinstance(ckpt, dict) or not {"model", "step"} <= set(ckpt):
         raise data.InputError(f"{path} is not a checkpoint written by tiger.py")
     needed = {"model_config", "settings", "codes", "ids_fingerprint"}
@@ -695,8 +982,8 @@ def load_checkpoint(path, for_resume=False):
     if for_resume:
         missing = {"optimizer", "ema_model", "best", "bad_evals", "log", "rng"} - set(ckpt)
         if missing:
-            raise data.InputError(f"{path} is not a training checkpoint (ckpt.pt) to resume; it lacks "
-                                  f"{', '.join(sorted(missing))}")
+            raise data.InputError(f"{path} is not a training checkpoint (ckpt.pt) to resume; it "
+                                  f"lacks {', '.join(sorted(missing))}")
     return ckpt
 
 
@@ -714,7 +1001,8 @@ def model_from_checkpoint(ckpt, dev="cpu"):
         if not {"codes_md5", "item_emb_md5", "sequences_md5"} <= set(ckpt["ids_fingerprint"]):
             raise data.InputError("its ids_fingerprint is incomplete")
         model = TIGER(model_config).to(dev)
-        model.load_state_dict(ckpt["ema_model"] if ckpt.get("ema_model") is not None else ckpt["model"])
+        model.load_state_dict(ckpt["ema_model"] if ckpt.get("ema_model") is not None
+                              else ckpt["model"])
     except (data.InputError, TypeError, KeyError, AttributeError, ValueError, RuntimeError) as e:
         raise data.InputError(f"the checkpoint's contents are inconsistent (hand-edited?): "
                               f"{str(e)[:300]}") from None
@@ -729,23 +1017,27 @@ def ids_fingerprint(codes, ds, unseen=()):
             **({"unseen_md5": data.md5(np.asarray(unseen))} if len(unseen) else {})}
 
 
-# ---- the run ------------------------------------------------------------------------------------
+# ---- speed, and the command line -------------------------------------------------------------
 
 def benchmark(model, opt, train_ex, valid, tokenizer, user_tok, tables, settings, dev, autocast,
               steps=30, users=2048):
-    """`python tiger.py --bench`: speed of the configured model on this machine (nothing is saved)."""
+    """`python tiger.py --bench`: speed of the configured model on this machine (nothing is
+    saved)."""
     s = settings
 
-    def profiled(what):  # --profile: the operations that took the most time, printed after the block
+    # --profile: the operations that took the most time, printed after the block
+    def profiled(what):
         if not s["profile"]:
             return contextlib.nullcontext()
         prof = torch.profiler.profile(on_trace_ready=lambda p: print(
-            f"\n{what}: where the time goes\n" + p.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)))
+            f"\n{what}: where the time goes\n"
+            + p.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)))
         return prof
 
     batches = data.epoch_batches(train_ex, s["batch_size"], s["seed"], s["by_length"])
     for i in range(3):  # warm up (first calls allocate), then measure
-        train_step(model, opt, data.make_batch(train_ex, batches[i], tokenizer, user_tok), i, s, dev, autocast)
+        batch = data.make_batch(train_ex, batches[i], tokenizer, user_tok)
+        train_step(model, opt, batch, i, s, dev, autocast)
     t = time.time()
     with profiled(f"{steps} training steps"):
         for i in range(steps):
@@ -755,8 +1047,8 @@ def benchmark(model, opt, train_ex, valid, tokenizer, user_tok, tables, settings
     users = min(users, len(valid))
     t = time.time()
     with profiled(f"evaluating {users} users"):
-        evaluate(model, valid, tokenizer, user_tok, tables, s["beam_size"], s["eval_batch_size"], dev,
-                 limit=users, progress=False, autocast=autocast)
+        evaluate(model, valid, tokenizer, user_tok, tables, s["beam_size"], s["eval_batch_size"],
+                 dev, limit=users, progress=False, autocast=autocast)
     eval_speed = users / (time.time() - t)
     if dev == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2 ** 30
@@ -766,172 +1058,19 @@ def benchmark(model, opt, train_ex, valid, tokenizer, user_tok, tables, settings
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2 ** 30
         except ImportError:  # Windows
             peak = float("nan")
-    print(f"train {train_speed:,.0f} examples/s (batch {s['batch_size']}, by_length={s['by_length']}); "
-          f"eval {eval_speed:,.0f} users/s (beam {s['beam_size']}); peak memory {peak:.2f} GiB "
-          f"({'GPU' if dev == 'cuda' else 'process RSS'})")
+    print(f"train {train_speed:,.0f} examples/s (batch {s['batch_size']}, "
+          f"by_length={s['by_length']}); eval {eval_speed:,.0f} users/s (beam {s['beam_size']}); "
+          f"peak memory {peak:.2f} GiB ({'GPU' if dev == 'cuda' else 'process RSS'})")
     return {"train_examples_s": train_speed, "eval_users_s": eval_speed, "peak_gib": peak}
-
-
-def train(s, run_dir, argv=()):
-    """The run. s: its settings (DEFAULTS overridden by argv, the command line); run_dir is locked.
-    Returns the metrics it writes to run_dir/metrics.json."""
-    t0 = time.time()
-    ckpt_path, best_path, metrics_path, config_path = (
-        os.path.join(run_dir, f) for f in ("ckpt.pt", "best.pt", "metrics.json", "config.json"))
-    earlier = [f for f in (ckpt_path, best_path, metrics_path) if os.path.exists(f)]
-    ckpt = None
-    if s["resume"]:
-        if not os.path.isfile(ckpt_path):
-            raise data.InputError(f"--resume: there is no {ckpt_path} to continue; start without --resume")
-        ckpt = load_checkpoint(ckpt_path, for_resume=True)
-        # where the run lives and how fast it is scored may change; what it trains may not
-        bookkeeping = ("resume", "overwrite", "out_dir", "device", "eval_batch_size", "bench", "profile")
-        saved = {**BEFORE_THE_OPTION, **ckpt["settings"]}
-        newer = [k for k in s if k not in bookkeeping and k not in saved]
-        if newer:
-            raise data.InputError(f"--resume: {ckpt_path} was written before the option(s) "
-                                  f"{', '.join(newer)} existed, so it cannot be resumed; start afresh "
-                                  f"(eval.py can still score its best.pt)")
-        changed = [k for k in s if k not in bookkeeping and saved[k] != s[k]]
-        if changed:
-            raise data.InputError(f"--resume: {ckpt_path} was trained with other settings "
-                                  f"({', '.join(changed)}); resume with the same settings, or start afresh")
-    elif earlier and not s["bench"] and not s["overwrite"]:
-        names = ", ".join(os.path.basename(f) for f in earlier)
-        raise data.InputError(f"{run_dir} holds an earlier run ({names}); continue it with --resume, start "
-                              f"it over with --overwrite, or name a new run with --run=NAME")
-
-    dev = data.pick_device(s["device"])
-    provenance = data.provenance("tiger.py", list(argv), dev)  # the code as it is now, at the start
-    ds = data.load_dataset(s["dataset"])
-    codes = data.load_codes(ds, s["ids"], s["out_dir"], s["dataset"], s["cold_start"], s["fit_with"])
-    unseen = data.unseen_items(ds, s["cold_start"])   # cold start: items no training example holds
-    fingerprint = ids_fingerprint(codes, ds, unseen)
-    if ckpt is not None and ckpt["ids_fingerprint"] != fingerprint:
-        raise data.InputError(f"--resume: the Semantic IDs or data of this run changed after it started "
-                              f"(prepare.py rebuilt {os.path.dirname(run_dir)}, or the dataset changed); "
-                              f"it cannot go on with them. Score it with `python eval.py "
-                              f"--ckpt={best_path}` (it keeps its own IDs), or start a new run")
-    tokenizer = data.Tokenizer(codes, s["n_user_buckets"])
-    user_tok = tokenizer.user_tokens(ds.users) if s["user_token"] else None   # (n_users,) or none
-    tables = PrefixTables(tokenizer, dev, np.flatnonzero(data.seen_items(ds, unseen)) + 1)  # seen items
-    train_ex, valid, test = data.split(ds, unseen)
-    torch.manual_seed(s["seed"])
-    model_config = model_config_for(tokenizer, s)
-    model = TIGER(model_config).to(dev)
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-    autocast = make_autocast(dev, s["precision"])
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"TIGER on {ds.name} ({s['ids']} IDs of length {tokenizer.id_length}, vocab "
-          f"{tokenizer.vocab_size}): {n_params / 1e6:.2f}M parameters, device {dev}, "
-          f"{'float32' if autocast is contextlib.nullcontext else 'bf16 autocast'}")
-    print(f"examples: {len(train_ex):,} train, {len(valid):,} valid, {len(test):,} test")
-    if len(unseen):
-        print(f"cold start: {len(unseen)} unseen items, in no training example; validation and test "
-              f"decode the seen items only (eval.py --cold_start adds the unseen ones)")
-    opt = make_optimizer(model, s)
-    if s["bench"]:
-        return benchmark(model, opt, train_ex, valid, tokenizer, user_tok, tables, s, dev, autocast)
-    if s["overwrite"]:  # everything loaded: only now is the earlier run removed
-        for f in earlier + [config_path]:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(f)
-    data.write_json(config_path, s)
-    # what every checkpoint carries: enough to rebuild and score the model with nothing else
-    identity = {"model_config": asdict(model_config), "settings": s, "codes": torch.from_numpy(codes),
-                "ids_fingerprint": fingerprint}
-    # eval_model is the model that is validated, kept as best.pt and tested: the moving average of
-    # the weights when ema > 0 (the default), else the trained model itself
-    eval_model = copy.deepcopy(model) if s["ema"] > 0 else model
-
-    step, best, bad_evals, log, wall_before = 0, -1.0, 0, [], 0.0
-    if ckpt is not None:
-        opt.load_state_dict(ckpt["optimizer"])
-        if s["ema"] > 0:
-            eval_model.load_state_dict(ckpt["ema_model"])
-        step, best, bad_evals, log = ckpt["step"], ckpt["best"], ckpt["bad_evals"], ckpt["log"]
-        wall_before = ckpt.get("wall_s", 0.0)
-        torch.set_rng_state(ckpt["rng"])
-        if ckpt.get("cuda_rng") is not None and dev == "cuda":
-            torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
-        if bad_evals >= s["patience"]:  # the run had already stopped early: nothing left to train
-            step = s["max_steps"]
-        print(f"resumed from {ckpt_path} at step {step}")
-
-    # The data order is a function of (seed, epoch) alone, so a resumed run sees the same batches.
-    steps_per_epoch = math.ceil(len(train_ex) / s["batch_size"])
-    model.train()
-    bar = tqdm(range(step, s["max_steps"]), initial=step, total=s["max_steps"], desc="train")
-    seen, t_last, epoch_batches = 0, time.time(), (None, None)
-    for step in bar:
-        epoch, i = divmod(step, steps_per_epoch)
-        if epoch_batches[0] != epoch:
-            epoch_batches = (epoch, data.epoch_batches(train_ex, s["batch_size"], [s["seed"], epoch],
-                                                       s["by_length"]))
-        batch = data.make_batch(train_ex, epoch_batches[1][i], tokenizer, user_tok)
-        loss = train_step(model, opt, batch, step, s, dev, autocast)
-        if s["ema"] > 0:
-            update_ema(eval_model, model, step, s["ema"])
-        seen += len(batch["target"])
-        evaluate_now = (step + 1) % s["eval_every"] == 0 or step + 1 == s["max_steps"]
-        # a non-finite loss or weight stops the run before anything non-finite is saved
-        if (step % 20 == 0 or evaluate_now) and not (math.isfinite(loss.item()) and all_finite(model)):
-            kept = f"{ckpt_path} keeps the state of step {log[-1]['step']}" if log else "nothing was saved"
-            raise data.InputError(f"the training loss became {loss.item()} at step {step + 1} (or the "
-                                  f"weights stopped being finite); the run stops here and {kept}. Lower "
-                                  f"--lr or --grad_clip and start over with --overwrite")
-        if step % 20 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}", ex_s=f"{seen / (time.time() - t_last):.0f}",
-                            lr=f"{opt.param_groups[0]['lr']:.2e}")
-        if evaluate_now:
-            metrics = evaluate(eval_model, valid, tokenizer, user_tok, tables, s["beam_size"],
-                               s["eval_batch_size"], dev, limit=s["eval_users"], autocast=autocast)
-            improved = metrics["recall@10"] > best
-            best, bad_evals = (metrics["recall@10"], 0) if improved else (best, bad_evals + 1)
-            log.append({"step": step + 1, "loss": loss.item(), **metrics})
-            tqdm.write(f"step {step + 1}: loss {loss.item():.3f}, valid recall@10 "
-                       f"{metrics['recall@10']:.4f} ndcg@10 {metrics['ndcg@10']:.4f}{' (best)' * improved}")
-            if improved:
-                save_checkpoint(best_path, {**identity, "model": eval_model.state_dict(), "step": step + 1})
-            save_checkpoint(ckpt_path, {
-                **identity, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                "ema_model": eval_model.state_dict() if s["ema"] > 0 else None,
-                "step": step + 1, "best": best, "bad_evals": bad_evals, "log": log,
-                "wall_s": wall_before + time.time() - t0, "rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if dev == "cuda" else None})
-            seen, t_last = 0, time.time()
-            if bad_evals >= s["patience"]:
-                tqdm.write(f"early stop: no better validation recall@10 in {s['patience']} evaluations")
-                break
-    bar.close()
-
-    # The test split is touched exactly once, with the checkpoint that was best on validation.
-    best_ckpt = load_checkpoint(best_path)
-    model.load_state_dict(best_ckpt["model"])
-    results = {"best_step": best_ckpt["step"], "n_params": n_params}
-    for name, examples in (("valid", valid), ("test", test)):
-        results[name] = evaluate(model, examples, tokenizer, user_tok, tables, s["beam_size"],
-                                 s["eval_batch_size"], dev, autocast=autocast)
-        results[name + "_most_popular"] = evaluation.most_popular(ds, examples, unseen)
-    results["wall_s"] = round(wall_before + time.time() - t0, 1)
-    results["provenance"] = provenance
-    results["ids_fingerprint"] = fingerprint
-    results["log"] = log
-    data.write_json(metrics_path, results)
-    evaluation.print_table(results, ds.name, s["ids"])
-    print(f"wall time {results['wall_s'] / 60:.1f} min; best checkpoint {best_path} "
-          f"(step {results['best_step']}); metrics {metrics_path}")
-    return results
 
 
 def main(argv):
     """`python tiger.py [config file] [--key=value ...]`: train, select on validation, test once."""
     settings = data.configure(DEFAULTS, argv)
     validate_settings(settings)
-    run_dir = os.path.join(data.ids_folder(settings["out_dir"], data.dataset_name(settings["dataset"]),
-                                           settings["ids"], settings["cold_start"], settings["fit_with"]),
-                          settings["run"])
+    ids_dir = data.ids_folder(settings["out_dir"], data.dataset_name(settings["dataset"]),
+                              settings["ids"], settings["cold_start"], settings["fit_with"])
+    run_dir = os.path.join(ids_dir, settings["run"])
     if settings["bench"]:  # measures only, writes nothing
         return train(settings, run_dir, argv)
     with data.folder_lock(run_dir):  # one live run per folder
@@ -943,3 +1082,7 @@ if __name__ == "__main__":
         main(sys.argv[1:])
     except data.InputError as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:  # Ctrl-C: nothing is half-written (every file is written atomically)
+        print("\ninterrupted: the run folder's ckpt.pt holds the state of its last validation; "
+              "continue with the same command and --resume", file=sys.stderr)
+        sys.exit(130)
