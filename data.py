@@ -51,7 +51,10 @@ N_USER_BUCKETS = 2000   # "we use the Hashing Trick to map the raw user ID to on
 # Part I. From the shipped files to batches of tokens.
 
 # ----------------------------------------------------------------------------------------------
-# 1. The dataset. The files are read and checked in Part II (chapter 6).
+# 1. The dataset. The files are read and checked in Part II (chapter 6). The item embeddings are
+# the "precomputed content embeddings" of Sec. 3.1: here all-mpnet-base-v2 vectors (768-d, unit
+# length) of each item's title phrase, brand and category path; the paper used Sentence-T5 on
+# title, price, brand and category, which the public data lacks (data/README.md).
 
 @dataclass
 class Dataset:
@@ -111,7 +114,8 @@ def load_dataset(name_or_dir):
 # the validation target, and the rest is for training. Every prefix of the training part is one
 # training example (target = item t, history = the up-to-20 items before it); the first item has no
 # history and is never a target. Validation and test histories are the 20 items before their target,
-# so the test history includes the validation item, exactly as at serving time.
+# so the test history includes the validation item, exactly as at serving time. (The paper does not
+# say how training examples are cut; every prefix is the usual choice of P5 and S3-Rec.)
 
 @dataclass
 class Examples:

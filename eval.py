@@ -74,7 +74,8 @@ def metrics(items, targets, invalid=False, category=None):
     """items: (N, K) ranked item ids (0 = no item), targets: (N,). Recall and NDCG at every K of KS
     the ranking is long enough for; (invalid=True) the invalid-ID rate of the top K for K = 1, 5,
     10, 20 (the points of Fig. 6 we report) and of the whole ranking; (category given, see
-    entropy_at_k) Entropy@K, coverage@K and the Gini index at K = 10, 20, 50 (Table 3)."""
+    entropy_at_k) Entropy@K (Table 3), and beyond the paper coverage@K and the Gini index at K = 10,
+    20, 50."""
     out = recall_ndcg(ranks_of(items, targets), [k for k in KS if k <= items.shape[1]])
     if invalid:
         for k in (1, 5, 10, 20):
@@ -192,7 +193,11 @@ def semantic_knn(item_emb, history, length, k, query="last", batch_size=1024):
 # unseen (the cold-start users: only a model that can return unseen items can get them right) or
 # seen. TIGER's top K comes from its seen ranking and its unseen candidates under the epsilon rule
 # (tiger.epsilon_top_k); Semantic_KNN's from the content embeddings. Recall@K for K = 1..20, per
-# group, per epsilon; Fig. 5a is epsilon = 0.1, Fig. 5b the sweep.
+# group, per epsilon; Fig. 5a is epsilon = 0.1, Fig. 5b the sweep. How the two rankings are made
+# (eval.py's score_cold_start decodes them batch by batch): the seen ranking is beam search over
+# PrefixTables of the seen items only; the unseen candidates come from tiger.unseen_candidates
+# over PrefixTables of all items, with unseen_table saying which unseen items sit under each
+# prefix; Semantic_KNN queries with the last history item and with the history's mean.
 
 EPSILONS = (0.0, 0.05, 0.1, 0.2, 0.5, 1.0)   # the cold-start sweep (Fig. 5b)
 COLD_KS = tuple(range(1, 21))                # Recall@K for K = 1..20 (Fig. 5a)
@@ -245,11 +250,20 @@ PAPER_RECIPES = {"fit_with=sports,toys": ("Table 10", (0.04355, 0.03047, 0.06314
                  "": ("Table 8", (0.0454, 0.0321, 0.0648, 0.0384))}
 
 
+# Table 1's SASRec row (trained with the binary loss, one sampled negative)
+PAPER_SASREC = {"beauty": (0.0387, 0.0249, 0.0605, 0.0318),
+                "sports": (0.0233, 0.0154, 0.0350, 0.0192),
+                "toys": (0.0463, 0.0306, 0.0675, 0.0374)}
+
+
 def paper_row(name, ids, recipe="default"):
     """The paper's (table, (R@5, N@5, R@10, N@10)) for a dataset, ID scheme and recipe, or
     (None, None). Runs on Semantic IDs (RQ-VAE, or RQ-KMeans: ours, beyond the paper) sit beside
     TIGER's own rows (Table 1, or the Table 8 / 10 row of a setting they change); the ID baselines
-    beside Table 2's."""
+    beside Table 2's; SASRec (ids "item", baselines/sasrec.py) beside Table 1's SASRec."""
+    if ids == "item":
+        loss_only = recipe in ("default", "loss=bce")
+        return ("Table 1, SASRec", PAPER_SASREC.get(name)) if loss_only else (None, None)
     if ids not in data.LEARNT_IDS:
         return ("Table 2", PAPER_IDS.get((name, ids))) if recipe == "default" else (None, None)
     if recipe == "default":
@@ -321,23 +335,29 @@ def read_run_file(folder, name, out_dir):
 
 
 def print_report(folder, defaults):
-    """--report: the tables of every finished run under folder. A run written by an older
-    tiger.py, before one of today's settings existed, cannot be read as any recipe: it is named
-    and left out (train it again to report it)."""
+    """--report: the tables of every finished run under folder, TIGER's and then SASRec's
+    (baselines/sasrec.py, each against its own defaults). A run written by an older script,
+    before one of today's settings existed, cannot be read as any recipe: it is named and left out
+    (train it again to report it)."""
+    from baselines import sasrec
     if not os.path.isdir(folder):
         raise data.InputError(f"--report={folder}: no such folder")
     runs = collect_runs(folder)
     if not runs:
         raise data.InputError(f"no finished run under {folder} (a run folder has metrics.json)")
-    old = [r for r in runs if not set(defaults) <= set(r["settings"])]
-    runs = [r for r in runs if r not in old]
-    if runs:
-        print(report_tables(runs, defaults))
-    for r in old:
-        missing = sorted(set(defaults) - set(r["settings"]))
-        print(f"left out {r['folder']}: written before the setting(s) {', '.join(missing)} "
-              f"existed; train it again to report it")
-    return runs
+    reported = []
+    for model, model_defaults in (("tiger", defaults), ("sasrec", sasrec.DEFAULTS)):
+        mine = [r for r in runs if r["settings"].get("model", "tiger") == model]
+        current = [r for r in mine if set(model_defaults) <= set(r["settings"])]
+        if current:
+            print(report_tables(current, model_defaults) + "\n")
+        for r in mine:
+            if r not in current:
+                missing = sorted(set(model_defaults) - set(r["settings"]))
+                print(f"left out {r['folder']}: written before the setting(s) "
+                      f"{', '.join(missing)} existed; train it again to report it")
+        reported += current
+    return reported
 
 
 def recipe(settings, defaults):

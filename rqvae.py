@@ -7,7 +7,7 @@ TIGER's first stage (paper Sec. 3.1, and Sec. 4 "RQ-VAE Implementation Details")
   2. the residual quantizer: 3 levels x 256 codewords of dimension 32, one codebook per level
   3. the RQ-VAE: encoder 768 -> 512 -> 256 -> 128 -> 32, the quantizer, a mirrored decoder,
      its loss (reconstruction + codebook + beta * commitment) and training loop
-  4. the collision token (Sec. 4): a last code that numbers the items sharing the same codes
+  4. the collision token (Sec. 3.1): a last code that numbers the items sharing the same codes
   5. the ID schemes the paper compares against (Table 2): LSH Semantic IDs and Random IDs,
      plus RQ-KMeans (residual k-means, no autoencoder), which several later systems use and which
      is nanoTIGER's CPU default: its IDs train a better retriever here (README, Table 2)
@@ -72,7 +72,8 @@ DEFAULTS = data.settings(globals())  # prepare.py takes these same settings
 
 # ----------------------------------------------------------------------------------------------
 # 1. k-means in plain torch. Used twice: to initialise the RQ-VAE codebooks on the first batch
-# (Sec. 4 initialises the codebooks by k-means clustering) and as the whole quantizer in RQ-KMeans.
+# (Sec. 3.1 initialises the codebooks by k-means clustering) and as the whole quantizer in
+# RQ-KMeans.
 
 def sq_dist(x, c):
     """Squared Euclidean distances (N, K) between rows of x (N, D) and rows of c (K, D).
@@ -160,7 +161,8 @@ class ResidualQuantizer(nn.Module):
         return torch.stack(codes, 1), torch.stack(codewords), torch.stack(residuals)
 
 # ----------------------------------------------------------------------------------------------
-# 3. The RQ-VAE (Sec. 4): an MLP autoencoder with the residual quantizer in its 32-d bottleneck.
+# 3. The RQ-VAE (Sec. 3.1; its sizes in Sec. 4): an MLP autoencoder with the residual quantizer
+# in its 32-d bottleneck.
 
 def mlp(dims):
     layers = []
@@ -274,11 +276,12 @@ def rqvae_codes(model, emb, device='cpu'):
     return codes.cpu().numpy(), ((x - x_hat) ** 2).sum(-1).mean().item()
 
 # ----------------------------------------------------------------------------------------------
-# 4. The collision token (Sec. 4): items whose codes are all equal get one more code that numbers
-# them, 0, 1, 2, ... in item-id order (an item alone with its codes gets 0). Every ID is then unique
-# and its prefix is unchanged. The token is one more level of the vocabulary, so it needs a bound:
-# a group larger than collision_size would need an out-of-range code; we stop with an error that
-# says how to get smaller groups rather than silently wrapping or widening the level.
+# 4. The collision token (Sec. 3.1, "Handling collisions"): items whose codes are all equal get
+# one more code that numbers them, 0, 1, 2, ... in item-id order (an item alone with its codes
+# gets 0). Every ID is then unique and its prefix is unchanged. The token is one more level of the
+# vocabulary, so it needs a bound: a group larger than collision_size would need an out-of-range
+# code; we stop with an error that says how to get smaller groups rather than silently wrapping or
+# widening the level.
 
 def add_collision_token(codes, collision_size=256, seen=None):
     """codes (N, m) int -> (N, m + 1) int64, the last column numbering items with equal codes.
@@ -306,7 +309,8 @@ def add_collision_token(codes, collision_size=256, seen=None):
 
 # ----------------------------------------------------------------------------------------------
 # 5. The other ID schemes. Same interface: embeddings in, integer codes out; make_ids adds the
-# collision token to each the same way.
+# collision token to each the same way. (Beyond the paper, which counts m = 4 codes for LSH and
+# Random IDs: the fifth, the collision token, makes every ID unique, as the RQ-VAE's are.)
 
 def lsh_hash(x, planes):
     """The LSH code of Table 2: code j = sum_i 2^(i-1) 1[w_ji . x > 0].

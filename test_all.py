@@ -11,6 +11,7 @@ import errno
 import glob
 import itertools
 import json
+import math
 import os
 import pickle
 import shutil
@@ -28,6 +29,7 @@ import eval as evaluation  # noqa: E402  (eval.py; the name would shadow the bui
 import prepare  # noqa: E402
 import rqvae  # noqa: E402
 import tiger  # noqa: E402
+from baselines import sasrec  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -1010,10 +1012,246 @@ def test_validating_more_often_trains_the_very_same_model(beauty_slice):
 
 
 # ==============================================================================================
+# 6. baselines/sasrec.py: SASRec, the baseline beside TIGER (Table 1)
+
+def sasrec_tiny(n_items=6, n_layer=1, n_head=2, d_model=4, dropout=0.0, seed=0):
+    torch.manual_seed(seed)
+    config = sasrec.SASRecConfig(n_items, data.MAX_HISTORY, n_layer, n_head, d_model, dropout)
+    model = sasrec.SASRec(config)
+    with torch.no_grad():  # give the biases and norms values other than their 0 / 1 defaults
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(0.3 * torch.randn_like(p))
+    return model.eval()
+
+
+def sasrec_layer_norm(x, norm):
+    mu = sum(x) / len(x)
+    var = sum((v - mu) ** 2 for v in x) / len(x)
+    return [(v - mu) / math.sqrt(var + norm.eps) * w + b
+            for v, w, b in zip(x, norm.weight.tolist(), norm.bias.tolist())]
+
+
+def sasrec_matvec(w, x, b=None):  # w: a (out, in) weight as nested lists; returns w x (+ b)
+    return [sum(wi * xi for wi, xi in zip(row, x)) + (b[i] if b else 0.0)
+            for i, row in enumerate(w)]
+
+
+def test_sasrec_forward_and_scores_match_a_hand_computation():
+    # one block, two heads, written out position by position with Python floats: eq. 1 (item +
+    # position embedding), LayerNorm, attention of position t over positions 0..t only with
+    # softmax(q.k / sqrt(head_dim)), the residuals, the FFN, the final LayerNorm, r_i = F_t . M_i
+    model = sasrec_tiny()
+    seq = [3, 1, 5]
+    E, P = model.item_emb.weight.tolist(), model.pos_emb.weight.tolist()
+    blk = model.blocks[0]
+    d, H = 4, 2
+    hd = d // H
+    wqkv = blk.attn.qkv.weight.tolist()
+    wq, wk, wv = wqkv[:d], wqkv[d:2 * d], wqkv[2 * d:]
+    w1, b1 = blk.ffn[0].weight.tolist(), blk.ffn[0].bias.tolist()
+    w2, b2 = blk.ffn[3].weight.tolist(), blk.ffn[3].bias.tolist()
+    xs = [[e + p for e, p in zip(E[item], P[t])] for t, item in enumerate(seq)]
+    normed = [sasrec_layer_norm(x, blk.norm_attn) for x in xs]
+    q, k, v = ([sasrec_matvec(w, n) for n in normed] for w in (wq, wk, wv))
+    expected = []
+    for t in range(len(seq)):
+        attended = []
+        for h in range(H):
+            part = slice(h * hd, (h + 1) * hd)
+            logits = [sum(a * b for a, b in zip(q[t][part], k[j][part])) / math.sqrt(hd)
+                      for j in range(t + 1)]
+            weights = [math.exp(s) / sum(math.exp(s2) for s2 in logits) for s in logits]
+            attended += [sum(weights[j] * v[j][part][i] for j in range(t + 1)) for i in range(hd)]
+        x1 = [a + b for a, b in zip(xs[t], attended)]
+        hidden = [max(0.0, u) for u in sasrec_matvec(w1, sasrec_layer_norm(x1, blk.norm_ffn), b1)]
+        x2 = [a + b for a, b in zip(x1, sasrec_matvec(w2, hidden, b2))]
+        expected.append(sasrec_layer_norm(x2, model.norm))
+    with torch.no_grad():
+        h = model(torch.tensor([seq]))[0]                                    # (3, d)
+        r = model.scores(h)                                                  # (3, n_items + 1)
+    assert torch.allclose(h, torch.tensor(expected), atol=1e-5)
+    # the score of item i at position t is F_t . M_i; item 0 (padding) is never a candidate
+    by_hand = [[sum(a * b for a, b in zip(expected[t], E[i])) for i in range(1, 7)]
+               for t in range(3)]
+    assert torch.allclose(r[:, 1:], torch.tensor(by_hand), atol=1e-5)
+    assert torch.isinf(r[:, 0]).all() and (r[:, 0] < 0).all()
+    # the padding row of the item table is zero (it adds nothing to a padded position)
+    assert not model.item_emb.weight[0].any()
+
+
+def test_sasrec_a_later_item_never_changes_an_earlier_position():
+    model = sasrec_tiny(n_items=30, n_layer=2, n_head=2, d_model=8, dropout=0.3)  # eval(): none
+    seq = torch.tensor([[4, 9, 2, 17, 11, 5]])
+    with torch.no_grad():
+        base = model(seq)
+        for t in range(1, seq.shape[1]):
+            changed = seq.clone()
+            changed[0, t] = 23
+            out = model(changed)
+            assert torch.allclose(out[0, :t], base[0, :t], atol=1e-6)       # the past: untouched
+            assert (out[0, t] - base[0, t]).abs().max() > 1e-3              # the item itself: read
+        # padding after the last real item changes nothing either (right padding needs no mask)
+        padded = model(torch.tensor([[4, 9, 2, 17, 11, 5, 0, 0, 0]]))
+        assert torch.allclose(padded[0, :6], base[0], atol=1e-6)
+
+
+def test_sasrec_both_losses_equal_their_formulas():
+    model = sasrec_tiny(n_items=5, d_model=4)
+    torch.manual_seed(1)
+    h = torch.randn(2, 3, 4)
+    target = torch.tensor([[2, 5, 0], [1, 0, 0]])       # 3 positions with a target, 3 without
+    negatives = torch.tensor([4, 1, 3])                 # one per target, in reading order
+    E = model.item_emb.weight.detach()
+    places = [(0, 0), (0, 1), (1, 0)]
+
+    def score(b, t, i):
+        return float(h[b, t] @ E[i])
+
+    sigma = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    bce = sum(-math.log(sigma(score(b, t, target[b, t]))) - math.log(1 - sigma(score(b, t, n)))
+              for (b, t), n in zip(places, negatives.tolist())) / 3
+    # the softmax over items 1..5: padding is no class
+    ce = sum(-score(b, t, target[b, t])
+             + math.log(sum(math.exp(score(b, t, i)) for i in range(1, 6))) for b, t in places) / 3
+    assert sasrec.loss_of(model, h, target, "bce", negatives).item() == pytest.approx(bce, rel=1e-5)
+    assert sasrec.loss_of(model, h, target, "ce").item() == pytest.approx(ce, rel=1e-5)
+    # the sampled negatives: never the positive, never padding, every other item about equally often
+    pos = torch.full((60000,), 3)
+    neg = sasrec.sample_negatives(pos, 5, torch.Generator().manual_seed(0))
+    counts = torch.bincount(neg, minlength=6).tolist()
+    assert counts[0] == counts[3] == 0
+    assert all(abs(c - 15000) < 600 for i, c in enumerate(counts) if i not in (0, 3))
+
+
+def sasrec_tiny_dataset(lengths, n_items=40, seed=0):
+    rng = np.random.default_rng(seed)
+    seqs = [rng.integers(1, n_items + 1, n) for n in lengths]
+    items = [{"item": i, "title": f"item {i}"} for i in range(1, n_items + 1)]
+    return data.Dataset("tiny", [f"u{u}" for u in range(len(seqs))], seqs, items,
+                        np.ones((n_items, 8), np.float32))
+
+
+def test_sasrec_training_rows_hold_exactly_tigers_pairs():
+    # users short and long: a sequence of 30 has training targets past position 20, whose histories
+    # start in mid-sequence (they get sequences of their own)
+    ds = sasrec_tiny_dataset([3, 4, 9, 23, 24, 30, 45])
+    train, _, _ = data.split(ds)
+    rows = sasrec.training_rows(train)
+    pairs = sorted((tuple(train.history[i, :train.length[i]]), int(train.target[i]))
+                   for i in range(len(train)))
+    from_rows = sorted((tuple(rows.seq[r, :j + 1]), int(rows.target[r, j]))
+                       for r, j in zip(*np.nonzero(rows.target)))
+    assert from_rows == [(tuple(map(int, h)), t) for h, t in pairs]  # the same pairs, each once
+    # a first sequence per user with a training pair (not the user of 3 items: train on 1 item, no
+    # pair), and one per target past position 20 (targets run to n - 3)
+    assert len(rows) == 6 + (24 - 3 - 20) + (30 - 3 - 20) + (45 - 3 - 20)
+    assert (rows.seq[np.arange(len(rows)), rows.length - 1] > 0).all()
+    assert all((rows.seq[r, rows.length[r]:] == 0).all() for r in range(len(rows)))
+    # and each position of a row predicts exactly what the model predicts for its pair read alone
+    model = sasrec_tiny(n_items=40, n_layer=2, d_model=8)
+    with torch.no_grad():
+        states = model(torch.from_numpy(rows.seq))                           # (N, 20, d)
+        for r, j in list(zip(*np.nonzero(rows.target)))[::5]:
+            alone = model(torch.from_numpy(rows.seq[r:r + 1, :j + 1]))[0, -1]
+            assert torch.allclose(states[r, j], alone, atol=1e-5)
+
+
+def test_sasrec_ranking_matches_brute_force_with_and_without_the_history():
+    model = sasrec_tiny(n_items=30, n_layer=2, d_model=8)
+    history = np.array([[5, 7, 5, 0], [12, 0, 0, 0], [1, 2, 3, 4], [30, 29, 0, 0]])
+    length = np.array([3, 1, 4, 2])
+    kept, removed = sasrec.rank(model, history, length, k=20, batch_size=3, device="cpu")
+    for i in range(len(history)):
+        h = history[i, :length[i]]
+        with torch.no_grad():
+            r = model(torch.from_numpy(h)[None])[0, -1] @ model.item_emb.weight.T      # (31,)
+        brute = sorted(range(1, 31), key=lambda item: -r[item].item())                  # no item 0
+        assert kept[i].tolist() == brute[:20]
+        assert removed[i].tolist() == [item for item in brute if item not in h][:20]
+        assert not set(removed[i].tolist()) & set(h.tolist()) and 0 not in kept[i].tolist()
+    # the metrics are eval.py's, on these rankings: a target inside the history can be found only
+    # with the history kept
+    examples = data.Examples(user=np.arange(4), history=history, length=length,
+                             target=np.array([kept[0, 0].item(), 12, kept[2, 3].item(), 30]),
+                             position=length)
+    with_history, without = sasrec.evaluate(model, examples, batch_size=2, device="cpu")
+    assert with_history == evaluation.metrics(kept, torch.from_numpy(examples.target))
+    hits = [int(t in kept[i, :10].tolist()) for i, t in enumerate(examples.target)]
+    assert with_history["recall@10"] == pytest.approx(sum(hits) / 4)
+    hits = [int(t in removed[i, :10].tolist()) for i, t in enumerate(examples.target)]
+    assert without["recall@10"] == pytest.approx(sum(hits) / 4)
+    assert 12 not in removed[1].tolist() and 30 not in removed[3].tolist()
+
+
+
+
+def test_sasrec_end_to_end_on_a_beauty_slice_and_no_silent_overwrite(tmp_path):
+    folder = make_slice(str(tmp_path / "beauty500"), n_items=500)
+    out = str(tmp_path / "out")
+    args = [f"--dataset={folder}", f"--out_dir={out}", "--max_steps=300", "--eval_every=100",
+            "--batch_size=64", "--lr=0.003", "--dropout=0.2", "--d_model=32"]
+    results = sasrec.main(args)
+    for split in ("valid", "test"):  # it learnt: well above recommending the most popular items
+        assert results[split]["recall@10"] > 1.5 * results[split + "_most_popular"]["recall@10"] > 0
+        assert results[split]["ndcg@10"] > 1.5 * results[split + "_most_popular"]["ndcg@10"]
+        # the numbers with the history removed from the ranking are kept apart, same metrics
+        assert set(results[split + "_history_removed"]) == set(results[split])
+    run_dir = os.path.join(out, "beauty500", "sasrec", "ce")          # run "" = the loss's name
+    assert sorted(f for f in os.listdir(run_dir) if not f.startswith(".")) == [
+        "best.pt", "config.json", "metrics.json"]
+    with open(os.path.join(run_dir, "config.json")) as f:
+        config = json.load(f)
+    # what eval.py's report needs to file the run (dataset, ids, seed), and which model it is
+    assert {"dataset", "ids", "seed", "model", "loss"} <= set(config)
+    assert config["model"] == "sasrec" and config["ids"] == "item"
+    with open(os.path.join(run_dir, "metrics.json")) as f:
+        assert json.load(f)["test"] == results["test"]
+    # best.pt loads without unpickling (plain tensors and values) and reproduces the test metrics
+    ckpt = torch.load(os.path.join(run_dir, "best.pt"), weights_only=True)
+    assert ckpt["step"] == results["best_step"] and ckpt["settings"]["loss"] == "ce"
+    ds = data.load_dataset(folder)
+    model = sasrec.load_model(os.path.join(run_dir, "best.pt"), ds)
+    again, _ = sasrec.evaluate(model, data.split(ds)[2], 512, "cpu")
+    assert again["recall@10"] == pytest.approx(results["test"]["recall@10"])
+    with pytest.raises(data.InputError, match="trained on another version of dataset"):
+        other = sasrec_tiny_dataset([5] * 9, n_items=ds.n_items)      # the same catalogue, other users
+        sasrec.load_model(os.path.join(run_dir, "best.pt"), other)
+    # a second run into the same folder is refused, with one line and no traceback ...
+    with pytest.raises(data.InputError, match="holds an earlier run"):
+        sasrec.main(args)
+    cmd = [sys.executable, os.path.join(HERE, "baselines", "sasrec.py")] + args
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=str(tmp_path),
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 1 and done.stderr.startswith("error: ")
+    assert "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "--overwrite" in done.stderr
+    # ... and --overwrite starts it over; the paper's loss trains too
+    again = sasrec.main(args[:2] + ["--max_steps=20", "--eval_every=10", "--overwrite",
+                                    "--loss=bce", "--run=ce"])
+    assert again["steps"] == 20 and again["log"][-1]["step"] == 20
+    with open(os.path.join(run_dir, "config.json")) as f:
+        assert json.load(f)["loss"] == "bce"
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--loss=mse", "loss must be one of ce, bce"),
+    ("--n_head=3", "multiple of n_head"),
+    ("--dropout=1.0", r"dropout must be in \[0, 1\)"),
+    ("--run=../x", "plain folder name"),
+    ("--lr=fast", "'lr' must be a float"),
+])
+def test_sasrec_bad_settings_are_refused_at_the_door(tmp_path, flag, message):
+    with pytest.raises(data.InputError, match=message):
+        sasrec.main([f"--out_dir={tmp_path}", flag])
+    assert not os.listdir(tmp_path)  # nothing written
+
+
+# ==============================================================================================
 # Part II. The workshop: what real use needs around the method
 
 # ==============================================================================================
-# 6. Settings checked at the door
+# 7. Settings checked at the door
 
 DEFAULTS = {"lr": 0.01, "steps": 100, "dataset": "beauty", "compile": False}
 
@@ -1136,7 +1374,7 @@ def test_eval_options_out_of_range_are_one_clear_error(trained, flags, expected)
 
 
 # ==============================================================================================
-# 7. Files and artefacts on disk
+# 8. Files and artefacts on disk
 
 # ---- the shipped files and atomic writes ---------------------------------------------------
 
@@ -1336,7 +1574,7 @@ def test_a_failed_rebuild_keeps_the_previous_build(tmp_path, beauty, monkeypatch
 
 
 # ==============================================================================================
-# 8. Runs: checkpoints, resume, overwrite; what a user can get wrong
+# 9. Runs: checkpoints, resume, overwrite; what a user can get wrong
 
 def test_interrupted_run_resumes_to_the_same_result(beauty_slice, monkeypatch):
     # dropout draws random numbers, so resuming must restore the RNG; the weight average must be restored too
@@ -1524,7 +1762,7 @@ def test_a_corrupt_checkpoint_is_one_clear_error(tmp_path):
 
 
 # ==============================================================================================
-# 9. The report and the command line
+# 10. The report and the command line
 
 def write_run(folder, dataset, seed, recall10, ids="rqvae", **settings):
     os.makedirs(folder, exist_ok=True)

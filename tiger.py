@@ -86,7 +86,7 @@ lr = 0.003                # peak learning rate (paper: 0.01)
 weight_decay = 0.1        # adamw only (decoupled)
 warmup_steps = 300        # paper: 10k steps at constant lr, then inverse square root decay
 schedule = "cosine"       # cosine (warmup, then cosine decay to 0 at max_steps) | rsqrt (paper's)
-max_steps = 12000         # paper: 200k
+max_steps = 12000         # paper: 200k (Beauty, Sports), 100k (Toys)
 grad_clip = 1.0           # clip the global gradient norm (paper: not said)
 ema = 0.999               # > 0: validate, keep and test a moving average of the weights with this
                           # decay per step, not the weights themselves (0 = off; paper: none)
@@ -348,7 +348,9 @@ class TIGER(nn.Module):
 #     log p(item | user, history) = sum_l log p(c_l | c_<l, user, history),
 # and beam search keeps the beam_size best prefixes level by level, so it returns items ranked by
 # that sum. Constrained, it only extends a prefix with codes that lead to a real item: the prefix
-# tables below answer that with two gathers per step.
+# tables below answer that with two gathers per step. Constraining is beyond the paper, which
+# decodes freely and drops the invalid IDs (Fig. 6), leaving prefix-constrained decoding to future
+# work; `eval.py --constrained=False` decodes freely and counts them.
 
 class PrefixTables:
     """Constrained decoding tables, built once from the (n_items, L) Semantic-ID table.
@@ -423,7 +425,9 @@ def beam_search(model, enc, tables, beam_size, constrained=True, temperature=0.0
     items without replacement from q_T(item) = prod_l softmax(logits_l / T) (kept to valid IDs when
     constrained), in the order drawn, by stochastic beam search: every prefix carries a Gumbel-
     perturbed log q_T, and the beam keeps the largest (Gumbel-top-k over whole IDs, level by level).
-    A larger T flattens q_T: more diverse recommendations (paper Sec. 4.3, Table 3)."""
+    A larger T flattens q_T: more diverse recommendations (paper Sec. 4.3, Table 3). The paper says
+    "temperature-based sampling" and no more; sampling without replacement is our choice, so
+    that the K recommendations are K distinct items."""
     levels = model.config.levels
     L = len(levels) if n_levels is None else n_levels
     assert 1 <= L <= len(levels), f"n_levels must be 1..{len(levels)}"
