@@ -1951,13 +1951,17 @@ def test_a_failed_start_leaves_no_empty_run_folder(beauty_slice):
 def test_ctrl_c_says_how_to_continue(beauty_slice):
     import signal
     import time
+    folder = run_dir(beauty_slice, "interrupted")
     proc = subprocess.Popen([sys.executable, "tiger.py"] + run_args(beauty_slice, "interrupted", steps=100000),
                             cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.time() + 120
-    while time.time() < deadline and not os.path.exists(os.path.join(run_dir(beauty_slice, "interrupted"),
-                                                                     "config.json")):
-        time.sleep(0.5)                                        # training has started
+    deadline = time.time() + 300
+    while time.time() < deadline and not os.path.exists(os.path.join(folder, "ckpt.pt")):
+        time.sleep(0.5)                                        # training, past its first validation
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    try:
+        _, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError("tiger.py did not stop within 300 s of Ctrl-C")
     assert proc.returncode == 130 and "--resume" in err and "Traceback" not in err
