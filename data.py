@@ -132,7 +132,10 @@ class Examples:
 
 
 def _make_examples(rows):
-    # rows: list of (user index, full sequence, target position); history = up to 20 items before it
+    """rows: a list of (user index, sequence, target position). The sequence is the user's whole
+    sequence for validation and test rows, its training_part (no unseen items) for training rows,
+    so a training row's position counts without the unseen items. The history is the up-to-20
+    items before the target, oldest first, left-aligned and 0-padded; every array is int64."""
     history = np.zeros((len(rows), MAX_HISTORY), dtype=np.int64)
     length = np.zeros(len(rows), dtype=np.int64)
     for i, (_, seq, t) in enumerate(rows):

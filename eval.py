@@ -45,7 +45,7 @@ KS = (5, 10, 20)    # the K of Recall@K / NDCG@K (the paper reports 5 and 10)
 
 def ranks_of(ranked, targets):
     """ranked: (N, K) item ids, best first; targets: (N,).
-    Returns (N,) 1-based rank, 0 when missing."""
+    Returns (N,) the 1-based rank of the first hit, 0 when the target is missing."""
     hit = torch.as_tensor(ranked) == torch.as_tensor(targets)[:, None]       # (N, K)
     first = hit.float().argmax(dim=1) + 1                                     # first hit position
     return torch.where(hit.any(dim=1), first, torch.zeros_like(first))

@@ -171,7 +171,12 @@ class RelativePositionBias(nn.Module):
         self.n_buckets, self.max_distance = n_buckets, max_distance
         self.bias = nn.Embedding(n_buckets, n_head)
 
-    def bucket(self, rel):  # rel = key position - query position, (Tq, Tk) long
+    def bucket(self, rel):
+        """rel: (Tq, Tk) long, key position - query position. Returns each pair's bucket (Tq, Tk):
+        with n the buckets of one direction (n_buckets, or half of them in the encoder, where a key
+        after the query adds n), a distance d below n/2 is its own bucket; beyond, n/2 +
+        floor(log(d / (n/2)) / log(max_distance / (n/2)) * n/2), capped at n - 1. The decoder
+        puts every future key (d < 0) in bucket 0; the causal mask hides them anyway."""
         n = self.n_buckets
         if self.bidirectional:
             n //= 2
