@@ -642,6 +642,8 @@ def configure(defaults, argv):
     or a --name=value flag; --help lists them and exits."""
     config = dict(defaults)
     for arg in argv:
+        if arg == "--":  # the end of a launcher's own options (torchrun ... tiger.py -- --run=x)
+            continue
         if arg in ("-h", "--help"):
             print("settings (default values); override them with a config file and --name=value:")
             for k, v in config.items():

@@ -1761,6 +1761,88 @@ def test_a_corrupt_checkpoint_is_one_clear_error(tmp_path):
         evaluation.main([f"--ckpt={tmp_path / 'best.pt'}"])
 
 
+# ---- data-parallel training (torchrun) -------------------------------------------------------
+
+def torchrun(args, processes=2):
+    """tiger.py under torchrun, as CPU processes (gloo), one thread each. The `--` ends torchrun's
+    own options: it would read --run=NAME as an abbreviation of its --run-path."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           f"--nproc_per_node={processes}", "tiger.py", "--", *args],
+                          cwd=HERE, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(beauty_slice):
+    """The same short run by one process and by two (torchrun): (their run args, folders, and the
+    two processes' output). A batch of 230 leaves an epoch's last batch 7 examples, shared 4 and
+    3 by the two processes; seed 61 puts it at the third step. Input dropout is on: its random
+    mask must be the same for the global batch in both runs."""
+    folder, _ = beauty_slice
+    train_ex = data.split(data.load_dataset(folder))[0]
+    assert [len(b) for b in data.epoch_batches(train_ex, 230, [61, 0], True)][2] == 7
+    tiny = ["--batch_size=230", "--seed=61", "--eval_users=64", "--item_dropout=0.3",
+            "--user_token=True", "--user_dropout=0.3", "--precision=fp32", "--n_layer=1",
+            "--d_model=32", "--d_ff=64", "--head_dim=16", "--warmup_steps=1"]
+    args = {n: run_args(beauty_slice, f"ddp{n}", steps=4, every=1) + tiny for n in (1, 2)}
+    one = subprocess.run([sys.executable, "tiger.py", *args[1]], cwd=HERE, capture_output=True,
+                         text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = torchrun(args[2])
+    assert two.returncode == 0, two.stderr[-3000:]
+    return args, {n: run_dir(beauty_slice, f"ddp{n}") for n in (1, 2)}, two
+
+
+def test_two_processes_train_as_one_process_with_the_same_global_batch(ddp_runs):
+    _, folders, two = ddp_runs
+    one_log, two_log = (json.load(open(os.path.join(folders[n], "metrics.json")))["log"]
+                        for n in (1, 2))
+    # the loss of the global batch at every step (each step validates): gradients averaged over
+    # the processes, each process's share weighted (the third step's shares are 4 and 3)
+    assert [e["step"] for e in two_log] == [1, 2, 3, 4]
+    assert [e["loss"] for e in two_log] == pytest.approx([e["loss"] for e in one_log], rel=1e-5)
+    assert two_log[-1]["loss"] < two_log[0]["loss"]
+    # only rank 0 wrote into the run folder, and only rank 0 spoke
+    assert sorted(os.listdir(folders[2])) == [".lock", "best.pt", "ckpt.pt", "config.json",
+                                              "metrics.json"]
+    assert two.stdout.count("step 4: loss") == 1 and two.stdout.count("TIGER, test") == 1
+    provenance = json.load(open(os.path.join(folders[2], "metrics.json")))["provenance"]
+    assert provenance["processes"] == 2
+
+
+def test_two_processes_evaluate_exactly_as_one(ddp_runs, beauty_slice):
+    # the one-process run's folder, resumed by two processes: nothing left to train, so they
+    # validate and test its best.pt, each decoding its run of the batches (5 and 4 of 9), and
+    # get the very same metrics. (In training, each validation of 64 users is one batch: the
+    # second process decodes none, and gets the first one's rankings.)
+    args, folders, _ = ddp_runs
+    shutil.copytree(folders[1], run_dir(beauty_slice, "ddp_resumed"))
+    resumed = torchrun(args[1] + ["--run=ddp_resumed", "--resume"])   # a later flag wins
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed at step 4" in resumed.stdout
+    one, two = (json.load(open(os.path.join(f, "metrics.json")))
+                for f in (folders[1], run_dir(beauty_slice, "ddp_resumed")))
+    for key in ("valid", "test", "log", "best_step"):
+        assert two[key] == one[key]
+
+
+def test_torchrun_refusals_are_one_error_from_rank_0_and_write_nothing(ddp_runs, beauty_slice):
+    args, folders, _ = ddp_runs
+    # a batch the processes cannot share evenly: refused by every process before any work
+    odd = torchrun(args[2] + ["--run=ddp_odd", "--batch_size=229"])
+    assert odd.returncode != 0 and not os.path.exists(run_dir(beauty_slice, "ddp_odd"))
+    assert odd.stderr.startswith("error: batch_size=229 cannot be shared evenly by the 2 "
+                                 "processes") and odd.stderr.count("error:") == 1
+    # rank 0's refusal (the folder holds a run, no --resume) stops the other process too
+    before = {f: os.path.getmtime(os.path.join(folders[2], f))
+              for f in ("best.pt", "ckpt.pt", "config.json", "metrics.json")}
+    again = torchrun(args[2])
+    assert again.returncode != 0 and again.stderr.count("error:") == 1
+    assert again.stderr.startswith("error: ") and "holds an earlier run" in again.stderr
+    assert "Traceback" not in again.stderr.split("elastic")[0]   # before torchrun's report
+    assert {f: os.path.getmtime(os.path.join(folders[2], f)) for f in before} == before
+
+
 # ==============================================================================================
 # 10. The report and the command line
 

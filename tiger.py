@@ -16,9 +16,11 @@ Part I is the method, in one straight line:
   4. training: input dropout, learning-rate schedule, optimizer, weight average, the loop with
      validation-only model selection, one final test
 Part II is the workshop: settings checked at the door, the run folder (resume, overwrite),
-checkpoints that carry their Semantic IDs, the speed benchmark, the command line.
+checkpoints that carry their Semantic IDs, data-parallel processes (torchrun), the speed
+benchmark, the command line.
 
-Run `python prepare.py && python tiger.py`.
+Run `python prepare.py && python tiger.py`; on several GPUs (or CPU processes),
+`torchrun --standalone --nproc_per_node=N tiger.py`: the lines marked "DDP:" are all it changes.
 """
 import contextlib
 import copy
@@ -31,8 +33,10 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
@@ -577,15 +581,26 @@ def evaluate(model, examples, tokenizer, user_tok, tables, beam_size, batch_size
         subset = np.sort(np.random.default_rng(0).choice(len(examples), limit, replace=False))
     # similar lengths: less padding
     order = subset[np.argsort(examples.length[subset], kind="stable")]
+    starts = range(0, len(order), batch_size)
+    rank, world = ddp_place()
+    if world > 1:  # DDP: each process decodes its own run of the batches one process would decode,
+        # so every user is decoded in the very same batch (same padding, same numbers)
+        per_rank = math.ceil(len(starts) / world)
+        starts = starts[rank * per_rank:(rank + 1) * per_rank]
     all_items, all_targets = [], []
-    for start in tqdm(range(0, len(order), batch_size), desc="eval", leave=False,
-                      disable=not progress):
+    for start in tqdm(starts, desc="eval", leave=False, disable=not progress or rank > 0):
         batch = data.make_batch(examples, order[start:start + batch_size], tokenizer, user_tok)
         with autocast():
             codes, scores = beam_search(model, batch["enc"].to(device), tables, beam_size,
                                         constrained, temperature, generator)
         all_items.append(ranked_items(tables, codes, scores).cpu())     # (B, beam)
         all_targets.append(batch["target_item"])
+    if world > 1:  # DDP: every process gets every process's rankings, in rank order (which is one
+        # process's order); a list of tensors per process, so a process may hold none
+        parts = [None] * world
+        dist.all_gather_object(parts, (all_items, all_targets))
+        all_items = [t for items, _ in parts for t in items]
+        all_targets = [t for _, targets in parts for t in targets]
     model.train(was_training)
     items, targets = torch.cat(all_items), torch.cat(all_targets)
     metrics = evaluation.metrics(items, targets, invalid=not constrained, category=category)
@@ -653,20 +668,40 @@ def update_ema(ema_model, model, step, decay):
 
 
 def train_step(model, opt, batch, step, settings, dev, autocast):
-    """One teacher-forced step on one batch. Returns the loss (a tensor; reading it syncs a GPU)."""
+    """One teacher-forced step on one batch. Returns the batch's mean loss (a tensor; reading it
+    syncs a GPU)."""
     s = settings
     for group in opt.param_groups:
         group["lr"] = get_lr(step, s["lr"], s["warmup_steps"], s["max_steps"], s["schedule"])
-    enc = batch["enc"].to(dev)
+    enc, dec_in, target = batch["enc"].to(dev), batch["dec_in"].to(dev), batch["target"].to(dev)
     if s["item_dropout"] > 0 or s["user_dropout"] > 0:
-        enc = drop_input_tokens(enc, batch["target"].shape[1], s["item_dropout"], s["user_dropout"],
+        enc = drop_input_tokens(enc, target.shape[1], s["item_dropout"], s["user_dropout"],
                                 s["user_token"])
+    # DDP: each process holds the whole batch and its input dropout (drawn from the same random
+    # stream on every process) and trains on its rows rank, rank + world, ... DDP averages the
+    # processes' gradients with equal weights, so each process's mean loss is weighted by its
+    # share of the batch: the average is then the gradient of the whole batch's mean loss, also
+    # for an epoch's last, shorter batch (a process left without a row there takes one, weight 0).
+    # (With --dropout > 0 each process drops units of its own rows: a run as random as one
+    # process's, but not the same draw.)
+    rank, world = ddp_place()
+    if world > 1:
+        rows = torch.arange(rank, len(enc), world, device=dev)
+        share = len(rows) * world / len(enc)
+        rows = rows if len(rows) else rows.new_zeros(1)
+        enc, dec_in, target = enc[rows], dec_in[rows], target[rows]
     with autocast():
-        _, loss = model(enc, batch["dec_in"].to(dev), batch["target"].to(dev))
+        _, loss = model(enc, dec_in, target)
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    if world > 1:
+        loss = loss * share  # DDP
+    loss.backward()           # DDP: the processes' gradients are averaged here, during backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), s["grad_clip"])
     opt.step()
+    if world > 1:  # DDP: report the whole batch's mean loss, the same on every process
+        loss = loss.detach()
+        dist.all_reduce(loss)
+        loss = loss / world
     return loss
 
 
@@ -677,9 +712,15 @@ def train(s, run_dir, argv=()):
     folder, locked by main(). Returns the metrics written to run_dir/metrics.json. How a run folder
     is started, resumed or overwritten, and what a checkpoint holds, is Part II's business."""
     t0 = time.time()
-    saved = open_run_folder(s, run_dir)       # a ckpt.pt to resume from (--resume), or None
+    # DDP: under torchrun, each of its processes runs this function, with the same seed, data
+    # order and weights. Rank 0 alone prints and touches the run folder; what it reads there (or
+    # its refusal) reaches the others through from_rank0. One process is rank 0 of 1.
+    rank, world = ddp_place()
+    saved = from_rank0(lambda: open_run_folder(s, run_dir))  # a ckpt.pt to resume from, or None
     dev = data.pick_device(s["device"])
     provenance = data.provenance("tiger.py", list(argv), dev)  # the code as it is at the start
+    if world > 1:
+        provenance["processes"] = world  # DDP
     # the data: each item's Semantic ID (prepare.py), as tokens; the leave-one-out split (App. C)
     ds = data.load_dataset(s["dataset"])
     codes = data.load_codes(ds, s["ids"], s["out_dir"], s["dataset"], s["cold_start"],
@@ -695,19 +736,26 @@ def train(s, run_dir, argv=()):
     model = TIGER(model_config_for(tokenizer, s)).to(dev)
     opt = make_optimizer(model, s)
     autocast = make_autocast(dev, s["precision"])
-    describe_run(s, ds, tokenizer, model, autocast, train_ex, valid, test, unseen)
-    if s["bench"]:
-        return benchmark(model, opt, train_ex, valid, tokenizer, user_tok, tables, s, dev, autocast)
+    if rank == 0:  # DDP
+        describe_run(s, ds, tokenizer, model, autocast, train_ex, valid, test, unseen)
     # eval_model is what is validated, kept as best.pt and tested: the moving average of the
     # weights when ema > 0 (the default), else the trained model itself
     eval_model = copy.deepcopy(model) if s["ema"] > 0 else model
+    # DDP: the wrapper starts every process from rank 0's weights and averages the gradients in
+    # each backward(), so every process takes the same optimizer step and the weights stay equal.
+    # `model` stays the plain TIGER: averaged, validated and saved as in one process.
+    trained = DDP(model) if world > 1 else model
+    if s["bench"]:
+        return benchmark(trained, opt, train_ex, valid, tokenizer, user_tok, tables, s, dev,
+                         autocast)
     progress = restore(saved, model, eval_model, opt, s, dev)  # step 0, or where the run stopped
-    identity = start_writing(s, run_dir, model, codes, fingerprint)  # what every checkpoint carries
+    # what every checkpoint carries (DDP: rank 0 writes the run's config.json)
+    identity = from_rank0(lambda: start_writing(s, run_dir, model, codes, fingerprint))
 
     steps_per_epoch = math.ceil(len(train_ex) / s["batch_size"])
     model.train()
     bar = tqdm(range(progress["step"], s["max_steps"]), initial=progress["step"],
-               total=s["max_steps"], desc="train")
+               total=s["max_steps"], desc="train", disable=rank > 0)  # DDP: rank 0's bar only
     n_seen, t_last, epoch_batches = 0, time.time(), (None, None)
     for step in bar:
         # the batches of an epoch are a function of (seed, epoch) alone: a resumed run sees the
@@ -717,7 +765,7 @@ def train(s, run_dir, argv=()):
             epoch_batches = (epoch, data.epoch_batches(train_ex, s["batch_size"],
                                                        [s["seed"], epoch], s["by_length"]))
         batch = data.make_batch(train_ex, epoch_batches[1][i], tokenizer, user_tok)
-        loss = train_step(model, opt, batch, step, s, dev, autocast)
+        loss = train_step(trained, opt, batch, step, s, dev, autocast)
         if s["ema"] > 0:
             update_ema(eval_model, model, step, s["ema"])
         n_seen += len(batch["target"])
@@ -737,18 +785,22 @@ def train(s, run_dir, argv=()):
         progress.update(step=step + 1, best=max(progress["best"], metrics["recall@10"]),
                         bad_evals=0 if improved else progress["bad_evals"] + 1,
                         log=progress["log"] + [{"step": step + 1, "loss": loss.item(), **metrics}])
-        tqdm.write(f"step {step + 1}: loss {loss.item():.3f}, valid recall@10 "
-                   f"{metrics['recall@10']:.4f} ndcg@10 {metrics['ndcg@10']:.4f}"
-                   + " (best)" * improved)
-        save_checkpoints(run_dir, identity, model, eval_model, opt, progress, improved, t0, dev)
+        if rank == 0:  # DDP: every process holds the same metrics; rank 0 says and saves them
+            tqdm.write(f"step {step + 1}: loss {loss.item():.3f}, valid recall@10 "
+                       f"{metrics['recall@10']:.4f} ndcg@10 {metrics['ndcg@10']:.4f}"
+                       + " (best)" * improved)
+            save_checkpoints(run_dir, identity, model, eval_model, opt, progress, improved, t0,
+                             dev)
         n_seen, t_last = 0, time.time()
         if progress["bad_evals"] >= s["patience"]:
-            tqdm.write(f"early stop: no better validation recall@10 in {s['patience']} evaluations")
+            if rank == 0:  # DDP
+                tqdm.write(f"early stop: no better validation recall@10 in {s['patience']} "
+                           f"evaluations")
             break
     bar.close()
 
     # The test split is read exactly once, with the checkpoint that was best on validation.
-    best = load_checkpoint(os.path.join(run_dir, "best.pt"))
+    best = from_rank0(lambda: load_checkpoint(os.path.join(run_dir, "best.pt")))  # DDP: rank 0's
     model.load_state_dict(best["model"])
     results = {"best_step": best["step"], "n_params": sum(p.numel() for p in model.parameters())}
     for name, examples in (("valid", valid), ("test", test)):
@@ -757,7 +809,8 @@ def train(s, run_dir, argv=()):
         results[name + "_most_popular"] = evaluation.most_popular(ds, examples, unseen)
     results.update(wall_s=round(progress["wall_s"] + time.time() - t0, 1), provenance=provenance,
                    ids_fingerprint=fingerprint, log=progress["log"])
-    finish_run(run_dir, results, ds.name, s["ids"])
+    if rank == 0:  # DDP
+        finish_run(run_dir, results, ds.name, s["ids"])
     return results
 
 
@@ -898,10 +951,12 @@ def restore(saved, model, eval_model, opt, s, dev):
                     wall_s=saved.get("wall_s", 0.0))
     torch.set_rng_state(saved["rng"])
     if saved.get("cuda_rng") is not None and dev == "cuda":
-        torch.cuda.set_rng_state_all(saved["cuda_rng"])
+        # cuda:0's draws (DDP: rank 0's, which every process continues on its own GPU)
+        torch.cuda.set_rng_state(saved["cuda_rng"][0])
     if progress["bad_evals"] >= s["patience"]:  # it had stopped early: nothing left to train
         progress["step"] = s["max_steps"]
-    print(f"resumed at step {progress['step']}")
+    if ddp_place()[0] == 0:  # DDP: rank 0 speaks
+        print(f"resumed at step {progress['step']}")
     return progress
 
 
@@ -1026,6 +1081,68 @@ def ids_fingerprint(codes, ds, unseen=()):
             **({"unseen_md5": data.md5(np.asarray(unseen))} if len(unseen) else {})}
 
 
+# ---- data-parallel training: torchrun --------------------------------------------------------
+# `torchrun --standalone --nproc_per_node=N tiger.py [config] [--flags]` starts N copies of this
+# script and tells each its place in environment variables: RANK (0..WORLD_SIZE-1), WORLD_SIZE,
+# LOCAL_RANK (its GPU on its machine), and where to meet (MASTER_ADDR, MASTER_PORT). They join one
+# process group (NCCL between GPUs, gloo between CPU processes) and run the same program; the
+# lines marked "DDP:" in Part I are what differs. `python tiger.py` sets none of these: one
+# process, rank 0 of 1, and those lines do nothing.
+
+def ddp_setup(settings):
+    """Join the process group that torchrun started this process into (nothing for `python
+    tiger.py`); refuses, on every process alike, a batch that the processes cannot share evenly."""
+    if "RANK" not in os.environ:
+        return
+    world = int(os.environ["WORLD_SIZE"])
+    if settings["batch_size"] % world:
+        raise data.InputError(f"batch_size={settings['batch_size']} cannot be shared evenly by "
+                              f"the {world} processes torchrun started; give a batch_size "
+                              f"divisible by {world}, or another number of processes")
+    dev = data.pick_device(settings["device"])
+    if dev == "cuda":  # one GPU per process: from here on "cuda" is this process's own
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    try:
+        dist.init_process_group("nccl" if dev == "cuda" else "gloo")
+    except (ValueError, RuntimeError) as e:  # e.g. RANK set by hand, without the rendezvous
+        raise data.InputError(f"the processes could not meet ({str(e)[:200]}); start them with "
+                              f"torchrun (tiger.py then has RANK, WORLD_SIZE, MASTER_ADDR and "
+                              f"MASTER_PORT), or unset RANK for one process") from None
+
+
+def ddp_place():
+    """(this process's rank, the number of processes): (0, 1) for `python tiger.py`."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def from_rank0(read):
+    """read() on rank 0 alone, the one process that touches the run folder (its lock, its
+    refusals, its checkpoints); every process gets the result, or rank 0's refusal as an
+    InputError, so that all stop together and only rank 0 says why (the `__main__` block).
+    One process: read()."""
+    rank, world = ddp_place()
+    if world == 1:
+        return read()
+    box = [None]
+    if rank == 0:
+        try:
+            box = [(read(), None)]
+        except data.InputError as e:
+            box = [(None, str(e))]
+    dist.broadcast_object_list(box, src=0)
+    result, refusal = box[0]
+    if refusal is not None:
+        raise data.InputError(refusal)
+    return result
+
+
+def ddp_teardown():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 # ---- speed, and the command line -------------------------------------------------------------
 
 def benchmark(model, opt, train_ex, valid, tokenizer, user_tok, tables, settings, dev, autocast,
@@ -1056,8 +1173,10 @@ def benchmark(model, opt, train_ex, valid, tokenizer, user_tok, tables, settings
     users = min(users, len(valid))
     t = time.time()
     with profiled(f"evaluating {users} users"):
-        evaluate(model, valid, tokenizer, user_tok, tables, s["beam_size"], s["eval_batch_size"],
-                 dev, limit=users, progress=False, autocast=autocast)
+        # DDP: model is the wrapper, which trains; the TIGER inside it decodes
+        evaluate(getattr(model, "module", model), valid, tokenizer, user_tok, tables,
+                 s["beam_size"], s["eval_batch_size"], dev, limit=users, progress=False,
+                 autocast=autocast)
     eval_speed = users / (time.time() - t)
     if dev == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2 ** 30
@@ -1067,9 +1186,12 @@ def benchmark(model, opt, train_ex, valid, tokenizer, user_tok, tables, settings
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2 ** 30
         except ImportError:  # Windows
             peak = float("nan")
-    print(f"train {train_speed:,.0f} examples/s (batch {s['batch_size']}, "
-          f"by_length={s['by_length']}); eval {eval_speed:,.0f} users/s (beam {s['beam_size']}); "
-          f"peak memory {peak:.2f} GiB ({'GPU' if dev == 'cuda' else 'process RSS'})")
+    rank, world = ddp_place()
+    if rank == 0:  # under torchrun: all processes together, and rank 0's memory
+        print(f"train {train_speed:,.0f} examples/s (batch {s['batch_size']}, "
+              f"by_length={s['by_length']}); eval {eval_speed:,.0f} users/s (beam "
+              f"{s['beam_size']}); peak memory {peak:.2f} GiB "
+              f"({'GPU' if dev == 'cuda' else 'process RSS'}{', rank 0' * (world > 1)})")
     return {"train_examples_s": train_speed, "eval_users_s": eval_speed, "peak_gib": peak}
 
 
@@ -1080,18 +1202,25 @@ def main(argv):
     ids_dir = data.ids_folder(settings["out_dir"], data.dataset_name(settings["dataset"]),
                               settings["ids"], settings["cold_start"], settings["fit_with"])
     run_dir = os.path.join(ids_dir, settings["run"])
-    if settings["bench"]:  # measures only, writes nothing
-        return train(settings, run_dir, argv)
-    with data.folder_lock(run_dir):  # one live run per folder
-        return train(settings, run_dir, argv)
+    ddp_setup(settings)  # under torchrun: join the other processes
+    try:
+        with contextlib.ExitStack() as held:
+            if not settings["bench"]:  # --bench measures only, writes nothing
+                # one live run per folder: rank 0, the one that writes, holds its lock
+                from_rank0(lambda: held.enter_context(data.folder_lock(run_dir)))
+            return train(settings, run_dir, argv)
+    finally:
+        ddp_teardown()
 
 
 if __name__ == "__main__":
+    speaks = os.environ.get("RANK", "0") == "0"  # under torchrun, only rank 0 says why it stops
     try:
         main(sys.argv[1:])
     except data.InputError as e:
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {e}" if speaks else 1)
     except KeyboardInterrupt:  # Ctrl-C: nothing is half-written (every file is written atomically)
-        print("\ninterrupted: the run folder's ckpt.pt holds the state of its last validation; "
-              "continue with the same command and --resume", file=sys.stderr)
+        if speaks:
+            print("\ninterrupted: the run folder's ckpt.pt holds the state of its last validation; "
+                  "continue with the same command and --resume", file=sys.stderr)
         sys.exit(130)
