@@ -75,21 +75,30 @@ DEFAULTS = data.settings(globals())  # prepare.py takes these same settings
 # (Sec. 3.1 initialises the codebooks by k-means clustering) and as the whole quantizer in
 # RQ-KMeans.
 
-def sq_dist(x, c):
+def sq_dist(x, c, x_sq=None):
     """Squared Euclidean distances (N, K) between rows of x (N, D) and rows of c (K, D).
 
-    ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2: one matrix product instead of an (N, K, D) tensor."""
-    d = (x * x).sum(1, keepdim=True) - 2 * x @ c.T + (c * c).sum(1)
+    ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2: one matrix product instead of an (N, K, D) tensor.
+    x_sq: ||x||^2 as (N, 1), when the caller has it (k-means asks for distances to the same points
+    hundreds of times). Written in place on the (N, K) product: no temporary of x's size, which
+    at 1M items is 3 GB (results/scale_bench.py)."""
+    x_sq = row_sq_norms(x) if x_sq is None else x_sq
+    d = (x @ c.T).mul_(-2).add_(x_sq).add_((c * c).sum(1))
     return d.clamp_min_(0)  # rounding can make a true 0 slightly negative
 
 
-def lloyd_step(x, centroids):
+def row_sq_norms(x, chunk=1 << 16):
+    """||x_i||^2 of every row of x (N, D), as (N, 1), a chunk of rows at a time (no N x D copy)."""
+    return torch.cat([(b * b).sum(1, keepdim=True) for b in x.split(chunk)])
+
+
+def lloyd_step(x, centroids, x_sq=None):
     """One Lloyd iteration, in place: assign every point of x (N, D) to its nearest centroid (k, D),
     move every centroid to the mean of its points. Each of the two steps can only lower the
     objective. Returns the objective (sum of squared distances to the assigned centroid) before
-    the move."""
+    the move. x_sq: the rows' squared norms (N, 1), if known (sq_dist)."""
     k = centroids.shape[0]
-    dist, assign = sq_dist(x, centroids).min(1)                         # (N,), (N,)
+    dist, assign = sq_dist(x, centroids, x_sq).min(1)                   # (N,), (N,)
     counts = torch.bincount(assign, minlength=k)                        # (k,)
     sums = torch.zeros_like(centroids).index_add_(0, assign, x)         # (k, D)
     filled = counts > 0
@@ -110,19 +119,20 @@ def kmeans(x, k, n_iter=20, seed=0):
     if n < k:
         raise ValueError(f"k-means needs at least k={k} points, got {n}")
     g = torch.Generator(device='cpu').manual_seed(seed)
+    x_sq = row_sq_norms(x)                                              # (N, 1), once
     # k-means++ start (Arthur & Vassilvitskii 2007): each new centroid is a point drawn with
     # probability proportional to its squared distance to the nearest centroid chosen so far, so
     # the start is spread over the data. One pass over the points per centroid, k passes in all.
     centroids = torch.empty(k, x.shape[1], dtype=x.dtype, device=x.device)
     centroids[0] = x[torch.randint(n, (1,), generator=g).item()]
-    nearest = sq_dist(x, centroids[:1]).squeeze(1)                     # (N,)
+    nearest = sq_dist(x, centroids[:1], x_sq).squeeze(1)               # (N,)
     for j in range(1, k):
         p = nearest.cpu().double()
         i = torch.multinomial(p / p.sum(), 1, generator=g).item() if p.sum() > 0 else j
         centroids[j] = x[i]
-        nearest = torch.minimum(nearest, sq_dist(x, centroids[j:j + 1]).squeeze(1))
-    objective = [lloyd_step(x, centroids) for _ in range(n_iter)]
-    return centroids, sq_dist(x, centroids).argmin(1), objective
+        nearest = torch.minimum(nearest, sq_dist(x, centroids[j:j + 1], x_sq).squeeze(1))
+    objective = [lloyd_step(x, centroids, x_sq) for _ in range(n_iter)]
+    return centroids, sq_dist(x, centroids, x_sq).argmin(1), objective
 
 # ----------------------------------------------------------------------------------------------
 # 2. The residual quantizer (Sec. 3.1, Fig. 3). Level d picks the codeword e_{c_d} of its own
@@ -268,12 +278,16 @@ def train_rqvae(emb, n_levels=3, codebook_size=256, latent_dim=32, beta=0.25, op
 
 
 @torch.no_grad()
-def rqvae_codes(model, emb, device='cpu'):
+def rqvae_codes(model, emb, device='cpu', batch=1 << 16):
     """Codes (N, L) of every item and its reconstruction error ||x - x_hat||^2, averaged over
-    items."""
-    x = torch.as_tensor(emb, dtype=torch.float32, device=device)
-    x_hat, codes, _ = model(x)
-    return codes.cpu().numpy(), ((x - x_hat) ** 2).sum(-1).mean().item()
+    items. A batch of items at a time: the whole catalogue at once would hold ~5 KB of
+    activations per item (5 GB at 1M items)."""
+    codes, sq_error = [], 0.0
+    for x in torch.as_tensor(emb, dtype=torch.float32, device=device).split(batch):
+        x_hat, c, _ = model(x)
+        codes.append(c)
+        sq_error += ((x - x_hat) ** 2).sum().item()
+    return torch.cat(codes).cpu().numpy(), sq_error / len(emb)
 
 # ----------------------------------------------------------------------------------------------
 # 4. The collision token (Sec. 3.1, "Handling collisions"): items whose codes are all equal get
@@ -338,17 +352,30 @@ def rqkmeans_ids(emb, n_levels=3, codebook_size=256, n_iter=20, seed=0, device='
     fit: (M, D) the embeddings the centroids are learnt from (cold start: the seen items only;
     App. E: more datasets' items too); None = emb itself. Every row of emb then takes, level by
     level, the centroid nearest to its residual. Returns codes (N, n_levels) and the squared norm of
-    the final residual, averaged over emb's items."""
-    r = torch.as_tensor(emb, dtype=torch.float32, device=device)                     # (N, D)
-    r_fit = r if fit is None else torch.as_tensor(fit, dtype=torch.float32, device=device)  # (M, D)
+    the final residual, averaged over emb's items.
+    Memory: emb, one float32 copy of it (the residuals, updated in place a chunk of rows at a
+    time) and an (N, K) distance matrix, no other N x D tensor: 7.5 GB at its peak for 1M items
+    (results/scale_bench.py); a new residual per level and N x D temporaries would double that."""
+    def residuals(a):  # a float32 copy, ours to update in place
+        return torch.as_tensor(a, dtype=torch.float32, device=device).clone()
+    r, r_fit = residuals(emb), None if fit is None else residuals(fit)              # (N, D), (M, D)
     codes = []
     for d in tqdm(range(n_levels), desc='rqkmeans'):
-        c, assign_fit, _ = kmeans(r_fit, codebook_size, n_iter, seed + d)            # c: (K, D)
-        assign = sq_dist(r, c).argmin(1)  # (N,); the same as assign_fit when fit is emb
-        r_fit = r_fit - c[assign_fit]
-        r = r - c[assign]
+        if r_fit is None:   # the centroids are learnt on emb itself: k-means assigns every row
+            c, assign, _ = kmeans(r, codebook_size, n_iter, seed + d)                # c: (K, D)
+        else:
+            c, assign_fit, _ = kmeans(r_fit, codebook_size, n_iter, seed + d)
+            assign = sq_dist(r, c).argmin(1)                                         # (N,)
+            subtract_rows(r_fit, c, assign_fit)
+        subtract_rows(r, c, assign)                                   # r_{d+1} = r_d - e_{c_d}
         codes.append(assign)
-    return torch.stack(codes, 1).cpu().numpy(), (r ** 2).sum(-1).mean().item()
+    return torch.stack(codes, 1).cpu().numpy(), row_sq_norms(r).mean().item()
+
+
+def subtract_rows(r, c, assign, chunk=1 << 16):
+    """r[i] -= c[assign[i]] for every row, in place, a chunk of rows at a time."""
+    for start in range(0, len(r), chunk):
+        r[start:start + chunk] -= c[assign[start:start + chunk]]
 
 
 def level_sizes(cfg):

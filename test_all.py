@@ -349,6 +349,26 @@ def test_rqkmeans_centroids_learn_from_the_fit_items_only_and_every_item_takes_i
     assert np.array_equal(codes, rqvae.add_collision_token(codes[:, :2]))
 
 
+def test_rqkmeans_equals_residual_kmeans_written_plainly_and_leaves_its_input_alone():
+    # rqkmeans_ids updates residuals in place and reuses k-means's assignment and squared norms:
+    # the codes and error must be those of the plain recipe, and the caller's arrays untouched
+    rng = np.random.default_rng(2)
+    emb = rng.standard_normal((300, 16)).astype(np.float32)
+    fit = rng.standard_normal((200, 16)).astype(np.float32)
+    kept_emb, kept_fit = emb.copy(), fit.copy()
+    for f in (None, fit):
+        codes, error = rqvae.rqkmeans_ids(emb, 3, 8, n_iter=3, seed=0, fit=f)
+        r = torch.from_numpy(kept_emb)
+        r_fit = r if f is None else torch.from_numpy(kept_fit)
+        for d in range(3):
+            c, assign_fit, _ = rqvae.kmeans(r_fit, 8, 3, seed=d)
+            level = ((r[:, None] - c[None]) ** 2).sum(-1).argmin(1)       # (N, K, D): by hand
+            assert np.array_equal(codes[:, d], level.numpy()), d
+            r, r_fit = r - c[level], r_fit - c[assign_fit]
+        assert error == pytest.approx((r ** 2).sum(-1).mean().item(), rel=1e-5)
+    assert np.array_equal(emb, kept_emb) and np.array_equal(fit, kept_fit)
+
+
 def test_lsh_code_equals_the_formula_on_a_hand_made_example():
     planes = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]])          # m = 1 code, h = 3 bits
     x = torch.tensor([[1.0, -2.0], [-1.0, 2.0], [3.0, 1.0], [-1.0, -1.0]])
@@ -601,6 +621,104 @@ def test_unconstrained_beam_search_can_return_ids_that_are_no_item():
     assert tables.items_of(torch.tensor([fake])).item() == 0  # a well-formed ID that is no item
 
 
+def dense_prefix_tables(tokenizer, items):
+    """The reference: constrained decoding as PrefixTables did it before it kept sorted keys, with
+    a dense next[l] (n_prefixes_l, size_l) table of child ids (-1: none) beside allowed[l], and
+    every prefix's id its rank among the distinct rows codes[:, :l]. Returns (allowed, next,
+    item_of_prefix), and a tables object that beam_search can use."""
+    codes = tokenizer.codes[items - 1]
+    L = codes.shape[1]
+    prefix_id = [np.zeros(len(codes), dtype=np.int64)] + [
+        np.unique(codes[:, :l], axis=0, return_inverse=True)[1].reshape(-1)
+        for l in range(1, L + 1)]
+    allowed, nxt = [], []
+    for l, size in enumerate(tokenizer.level_sizes):
+        a = np.zeros((prefix_id[l].max() + 1, size), dtype=bool)
+        n = np.full(a.shape, -1, dtype=np.int64)
+        a[prefix_id[l], codes[:, l]] = True
+        n[prefix_id[l], codes[:, l]] = prefix_id[l + 1]
+        allowed.append(torch.from_numpy(a))
+        nxt.append(torch.from_numpy(n))
+    item_of_prefix = np.zeros(len(codes), dtype=np.int64)
+    item_of_prefix[prefix_id[L]] = items
+    dense = tiger.PrefixTables.__new__(tiger.PrefixTables)  # its methods, the dense tables' lookup
+    dense.allowed, dense.item_of_prefix = allowed, torch.from_numpy(item_of_prefix)
+    dense.child = lambda l, p, c: torch.where(p >= 0, nxt[l][p.clamp(min=0), c], p)
+    return allowed, nxt, dense
+
+
+def realistic_codes(n=12000, seed=0):
+    """An ID table shaped like RQ-KMeans's on 12k items: 3 levels of 256 codes, each used unevenly
+    (Zipf-like, a different order under each parent), then the collision token."""
+    rng = np.random.default_rng(seed)
+    p = 1 / (np.arange(256) + 8.0)
+    p /= p.sum()
+    codes = rng.choice(256, (n, 3), p=p)
+    codes[:, 1] = (codes[:, 1] + 37 * codes[:, 0]) % 256         # the uneven use, per parent
+    codes[:, 2] = (codes[:, 2] + 101 * codes[:, 1]) % 256
+    return rqvae.add_collision_token(codes)
+
+
+@pytest.mark.parametrize("case", ["random", "random_subset", "realistic"])
+def test_prefix_tables_equal_a_dense_reference(case):
+    # every cell of every level: the same allowed codes, and child() gives next[]'s id (or -1);
+    # prefix_of/items_of agree on real IDs, on prefixes and on tuples that are no item
+    rng = np.random.default_rng(5)
+    if case == "realistic":
+        codes = realistic_codes()
+    else:                                                          # small levels: a dense tree
+        sizes = rng.integers(2, 6, 3)
+        codes = rqvae.add_collision_token(np.stack([rng.integers(0, k, 300) for k in sizes], 1))
+    tok = data.Tokenizer(codes, n_user_buckets=10)
+    n = len(codes)
+    items = np.sort(rng.choice(n, n // 2, replace=False)) + 1 if case == "random_subset" else \
+        np.arange(1, n + 1)
+    tables = tiger.PrefixTables(tok, items=items)
+    allowed, nxt, dense = dense_prefix_tables(tok, items)
+    assert tok.level_sizes[-1] > 1                                 # (collisions happened)
+    for l in range(tok.id_length):
+        assert torch.equal(tables.allowed[l], allowed[l])
+        p, c = torch.meshgrid(torch.arange(-1, len(allowed[l])),
+                              torch.arange(tok.level_sizes[l]), indexing="ij")
+        want = torch.where(p >= 0, nxt[l][p.clamp(min=0), c], -1)
+        assert torch.equal(tables.child(l, p, c), want)
+    queries = torch.from_numpy(np.concatenate([
+        codes, rng.integers(0, np.array(tok.level_sizes), (500, tok.id_length))]))
+    assert torch.equal(tables.items_of(queries), dense.items_of(queries))
+    assert (tables.items_of(torch.from_numpy(codes[items - 1])) == torch.from_numpy(items)).all()
+    for length in (1, 2, tok.id_length - 1):
+        assert torch.equal(tables.prefix_of(queries[:, :length]),
+                           dense.prefix_of(queries[:, :length]))
+    unseen = np.setdiff1d(np.arange(1, n + 1), items) if case == "random_subset" else items
+    unseen = unseen[:50]
+    assert torch.equal(tiger.unseen_table(tables, codes, unseen),
+                       tiger.unseen_table(dense, codes, unseen))
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_beam_search_gives_the_dense_tables_beams_on_a_realistic_id_table(temperature):
+    # 12k items, 3 levels x 256 + collision token; a beam of 40, a model whose scores vary
+    codes = realistic_codes()
+    tok = data.Tokenizer(codes, n_user_buckets=10)
+    items = np.arange(1, len(codes) + 1)
+    tables, (_, _, dense) = tiger.PrefixTables(tok), dense_prefix_tables(tok, items)
+    model = tiny(tok.vocab_size, tok.levels).eval()
+    torch.manual_seed(1)
+    for p in model.parameters():                                   # sharper than the init
+        p.data.mul_(3)
+    enc = tok.item_tokens[torch.randint(1, len(codes) + 1, (16, 5))].flatten(1)
+    runs = []
+    for t in (tables, dense):
+        g = torch.Generator().manual_seed(4)
+        runs.append(tiger.beam_search(model, enc, t, 40, temperature=temperature, generator=g))
+    (got, got_scores), (want, want_scores) = runs
+    assert torch.equal(got, want) and torch.equal(got_scores, want_scores)
+    assert (tables.items_of(got) > 0).all()
+    # three levels only (cold start's unseen ranking): the same best prefixes
+    short = [tiger.beam_search(model, enc, t, 40, n_levels=3)[0] for t in (tables, dense)]
+    assert torch.equal(short[0], short[1])
+
+
 def sampling_setup(n_users):
     codes = tiny_codes()
     tok = data.Tokenizer(codes, n_user_buckets=10)
@@ -622,7 +740,7 @@ def exact_q(model, enc, tok, tables, temperature):
         logp = model.code_logprobs(states[:, l], l).masked_fill(~tables.allowed[l][prefix], float("-inf"))
         code = target[:, l] - first
         logq += torch.log_softmax(logp / temperature, -1).gather(1, code[:, None])[:, 0]
-        prefix = tables.next[l][prefix, code]
+        prefix = tables.child(l, prefix, code)
     return logq.exp()                                                       # (n_items,), sums to 1
 
 
@@ -1907,6 +2025,17 @@ def test_the_command_line_shows_a_fault_as_one_line(script, args):
     out = subprocess.run([sys.executable, script] + args, cwd=HERE, capture_output=True, text=True)
     assert out.returncode == 1 and out.stderr.startswith("error: ") and "Traceback" not in out.stderr
     assert out.stderr.count("\n") == 1
+
+
+def test_scale_benchmark_runs_and_its_tables_give_the_dense_tables_beams():
+    # results/scale_bench.py --smoke: every stage in its own process on a 3,000-item catalogue
+    out = subprocess.run([sys.executable, "results/scale_bench.py", "--smoke"], cwd=HERE,
+                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| ")]
+    assert rows[0] == "| items | 3,000 |" and len(rows) == 1 + 12   # every stage measured ...
+    assert not any(row.endswith("|  |") for row in rows)           # ... and filled its rows
+    assert "beams = dense tables' beams | 0." in rows[11] and rows[11].endswith("; yes |")
 
 
 # ---- the faults of the 2026-12-05 review, each pinned against the failing case ------------------

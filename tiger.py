@@ -357,48 +357,62 @@ class TIGER(nn.Module):
 #     log p(item | user, history) = sum_l log p(c_l | c_<l, user, history),
 # and beam search keeps the beam_size best prefixes level by level, so it returns items ranked by
 # that sum. Constrained, it only extends a prefix with codes that lead to a real item: the prefix
-# tables below answer that with two gathers per step. Constraining is beyond the paper, which
-# decodes freely and drops the invalid IDs (Fig. 6), leaving prefix-constrained decoding to future
-# work; `eval.py --constrained=False` decodes freely and counts them.
+# tables below answer that with a gather and a binary search per step. Constraining is beyond the
+# paper, which decodes freely and drops the invalid IDs (Fig. 6), leaving prefix-constrained
+# decoding to future work; `eval.py --constrained=False` decodes freely and counts them.
 
 class PrefixTables:
     """Constrained decoding tables, built once from the (n_items, L) Semantic-ID table.
 
-    Every distinct prefix of length l gets an id (the empty prefix is 0). allowed[l][p, c] says
-    whether code c at level l extends prefix p to a prefix of a real item, and next[l][p, c] gives
-    the id of that longer prefix (-1 if none). Beam search needs two gathers per step; items_of()
-    follows the same tables to map a finished ID back to its item."""
+    Every distinct prefix of length l gets an id: its rank among them in sorted order (the empty
+    prefix is 0). Per level l, two structures answer beam search's two questions:
+      allowed[l][p, c]  (n_prefixes_l, size_l) bool: does code c extend prefix p to a prefix of a
+                        real item? One gather per step gives every beam's mask of valid codes.
+      keys[l]           (n_prefixes_{l+1},) sorted: p * size_l + c for every prefix of length l+1,
+                        written as its parent p and last code c. Prefixes sorted by their codes
+                        sort by (p, c) too, so a prefix's id is its position in keys[l]: child()
+                        finds it by binary search (torch.searchsorted).
+    Why not a dense next[l][p, c] table of child ids beside allowed: at the collision level p runs
+    over ~n_items prefixes and c over the largest collision group, at 8 bytes a cell (1.8 GB for
+    a 1M-item catalogue in results/scale_bench.py, against 0.2 GB for these tables). keys[l] takes
+    8 bytes per prefix; allowed 1 byte per cell, at most n_items x collision_size at the collision
+    level (packing 8 cells a byte, or lists of each prefix's codes, would shrink that further).
+    items_of() follows child() down the levels to map a finished ID back to its item."""
 
     def __init__(self, tokenizer, device="cpu", items=None):
         # items: the item ids decoding may return (default all; cold start: the seen items only)
         items = np.arange(1, len(tokenizer.codes) + 1) if items is None else np.asarray(items)
         codes = tokenizer.codes[items - 1]
-        n, L = codes.shape
-        sizes = tokenizer.level_sizes
-        prefix_id = [np.zeros(n, dtype=np.int64)]  # level 0: the empty prefix, id 0, for every item
-        for l in range(1, L + 1):
-            prefix_id.append(np.unique(codes[:, :l], axis=0, return_inverse=True)[1].reshape(-1))
-        self.allowed, self.next = [], []
-        for l in range(L):
-            n_prefix = prefix_id[l].max() + 1
-            allowed = np.zeros((n_prefix, sizes[l]), dtype=bool)
-            nxt = np.full((n_prefix, sizes[l]), -1, dtype=np.int64)
-            allowed[prefix_id[l], codes[:, l]] = True
-            nxt[prefix_id[l], codes[:, l]] = prefix_id[l + 1]
+        self.sizes = tokenizer.level_sizes
+        prefix = np.zeros(len(codes), dtype=np.int64)  # each item's length-0 prefix: the empty one
+        self.allowed, self.keys = [], []
+        for l, size in enumerate(self.sizes):
+            allowed = np.zeros((prefix.max() + 1, size), dtype=bool)
+            allowed[prefix, codes[:, l]] = True
+            # each item's prefix of length l+1 as (parent, code); its rank among the distinct
+            # ones is its id, so np.unique's sorted keys and inverse are keys[l] and the new ids
+            keys, prefix = np.unique(prefix * size + codes[:, l], return_inverse=True)
             self.allowed.append(torch.from_numpy(allowed).to(device))
-            self.next.append(torch.from_numpy(nxt).to(device))
+            self.keys.append(torch.from_numpy(keys).to(device))
         # a full-length prefix is one item's whole ID (IDs are unique): its id -> that item's id
-        item_of_prefix = np.zeros(n, dtype=np.int64)
-        item_of_prefix[prefix_id[L]] = items
+        item_of_prefix = np.zeros(len(codes), dtype=np.int64)
+        item_of_prefix[prefix] = items
         self.item_of_prefix = torch.from_numpy(item_of_prefix).to(device)
+
+    def child(self, level, prefix, code):
+        """The id of prefix + (code,) (same shapes), -1 where no item starts with it (or where
+        prefix is -1)."""
+        keys = self.keys[level]
+        key = prefix * self.sizes[level] + code
+        i = torch.searchsorted(keys, key).clamp(max=len(keys) - 1)  # where key is, if present
+        return torch.where(keys[i] == key, i, -1)
 
     def prefix_of(self, codes):
         """codes (..., l) -> the id of that length-l prefix (...), -1 if no item starts with it."""
-        codes = codes.to(self.next[0].device)
+        codes = codes.to(self.allowed[0].device)
         prefix = torch.zeros(codes.shape[:-1], dtype=torch.long, device=codes.device)
-        for l in range(codes.shape[-1]):  # follow the tables; -1 (no such prefix) stays -1
-            prefix = torch.where(prefix >= 0, self.next[l][prefix.clamp(min=0), codes[..., l]],
-                                 prefix)
+        for l in range(codes.shape[-1]):  # one level at a time; -1 (no such prefix) stays -1
+            prefix = self.child(l, prefix, codes[..., l])
         return prefix
 
     def items_of(self, codes):
@@ -474,7 +488,7 @@ def beam_search(model, enc, tables, beam_size, constrained=True, temperature=0.0
         codes = torch.cat([codes.gather(1, parent[..., None].expand(-1, -1, level)),
                            code[..., None]], -1)
         if constrained:  # (a filler beam reaches no prefix, -1; clamp keeps it a valid index)
-            prefix = tables.next[level][prefix.gather(1, parent), code].clamp(min=0)
+            prefix = tables.child(level, prefix.gather(1, parent), code).clamp(min=0)
         tokens = code + first
         # keep each beam's cached keys/values: rows are (user, beam); pick the parents' rows
         # (the cross-attention cache stays one copy per user: Attention stacks the beams' queries)

@@ -67,7 +67,7 @@ EXERCISES = {
          "test_dropout_acts_where_t5_puts_it_and_only_in_training",
          "test_beam_search_matches_brute_force and level"]),   # beams share the encoder's keys
     7: ("constrained beam search over the prefix tables",
-        ["tiger.PrefixTables.__init__", "tiger.beam_search"],
+        ["tiger.PrefixTables.__init__", "tiger.PrefixTables.child", "tiger.beam_search"],
         ["test_beam_search_matches_brute_force",
          "test_unconstrained_beam_search_can_return_ids_that_are_no_item",
          "test_unseen_candidates_are_the_unseen_items_under_the_best_prefixes"]),
