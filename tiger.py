@@ -156,8 +156,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        inv_rms = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x * inv_rms.to(x.dtype)
+        # one expression, as it always was: computing the rsqrt first changes the rounding of
+        # training runs (the 2026-12-05 results log entry)
+        return self.weight * x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True)
+                                             + self.eps).to(x.dtype)
 
 
 class RelativePositionBias(nn.Module):
