@@ -2166,7 +2166,10 @@ def test_ctrl_c_says_how_to_continue(beauty_slice):
     proc = subprocess.Popen([sys.executable, "tiger.py"] + run_args(beauty_slice, "interrupted", steps=100000)
                             + ["--patience=100000"],   # never stops by itself
                             cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            # as from a shell: Ctrl-C not ignored (a child inherits an ignored
+                            # SIGINT, and some test before this one may leave it so)
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     while time.time() < deadline and not os.path.exists(os.path.join(folder, "ckpt.pt")):
         time.sleep(0.5)                                        # training, past its first validation

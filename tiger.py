@@ -375,8 +375,8 @@ class PrefixTables:
                         sort by (p, c) too, so a prefix's id is its position in keys[l]: child()
                         finds it by binary search (torch.searchsorted).
     Why not a dense next[l][p, c] table of child ids beside allowed: at the collision level p runs
-    over ~n_items prefixes and c over the largest collision group, at 8 bytes a cell (1.8 GB for
-    a 1M-item catalogue in results/scale_bench.py, against 0.2 GB for these tables). keys[l] takes
+    over ~n_items prefixes and c over the largest collision group, at 8 bytes a cell: gigabytes
+    for a million items (results/scale_bench.py; the results log has its numbers). keys[l] takes
     8 bytes per prefix; allowed 1 byte per cell, at most n_items x collision_size at the collision
     level (packing 8 cells a byte, or lists of each prefix's codes, would shrink that further).
     items_of() follows child() down the levels to map a finished ID back to its item."""
