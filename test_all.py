@@ -621,30 +621,9 @@ def test_unconstrained_beam_search_can_return_ids_that_are_no_item():
     assert tables.items_of(torch.tensor([fake])).item() == 0  # a well-formed ID that is no item
 
 
-def dense_prefix_tables(tokenizer, items):
-    """The reference: constrained decoding as PrefixTables did it before it kept sorted keys, with
-    a dense next[l] (n_prefixes_l, size_l) table of child ids (-1: none) beside allowed[l], and
-    every prefix's id its rank among the distinct rows codes[:, :l]. Returns (allowed, next,
-    item_of_prefix), and a tables object that beam_search can use."""
-    codes = tokenizer.codes[items - 1]
-    L = codes.shape[1]
-    prefix_id = [np.zeros(len(codes), dtype=np.int64)] + [
-        np.unique(codes[:, :l], axis=0, return_inverse=True)[1].reshape(-1)
-        for l in range(1, L + 1)]
-    allowed, nxt = [], []
-    for l, size in enumerate(tokenizer.level_sizes):
-        a = np.zeros((prefix_id[l].max() + 1, size), dtype=bool)
-        n = np.full(a.shape, -1, dtype=np.int64)
-        a[prefix_id[l], codes[:, l]] = True
-        n[prefix_id[l], codes[:, l]] = prefix_id[l + 1]
-        allowed.append(torch.from_numpy(a))
-        nxt.append(torch.from_numpy(n))
-    item_of_prefix = np.zeros(len(codes), dtype=np.int64)
-    item_of_prefix[prefix_id[L]] = items
-    dense = tiger.PrefixTables.__new__(tiger.PrefixTables)  # its methods, the dense tables' lookup
-    dense.allowed, dense.item_of_prefix = allowed, torch.from_numpy(item_of_prefix)
-    dense.child = lambda l, p, c: torch.where(p >= 0, nxt[l][p.clamp(min=0), c], p)
-    return allowed, nxt, dense
+# the dense reference tables: results/scale_bench.py keeps the one copy (it measures them too)
+sys.path.insert(0, os.path.join(HERE, "results"))
+from scale_bench import dense_tables as dense_prefix_tables  # noqa: E402
 
 
 def realistic_codes(n=12000, seed=0):

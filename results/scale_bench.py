@@ -57,15 +57,16 @@ import tiger  # noqa: E402
 OPTS = {"sizes": "beauty,10000,100000,1000000", "rqvae_sizes": "10000,100000", "rqvae_epochs": 2,
         "users": 2048, "beam_size": 40, "train_steps": 20, "threads": 1, "smoke": False,
         "stage": "", "size": "", "work": ""}
-for arg in sys.argv[1:]:
-    key, _, value = arg.lstrip("-").partition("=")
-    if key not in OPTS:
-        sys.exit(f"error: unknown option --{key}; known: {', '.join(OPTS)}")
-    OPTS[key] = type(OPTS[key])(value) if value else True
-if OPTS["smoke"]:  # a tiny catalogue, a few users and steps, k-means cut short
-    OPTS.update(sizes="3000", rqvae_sizes="3000", rqvae_epochs=1, users=64, train_steps=2)
+if __name__ == "__main__":   # (test_all.py imports this file for dense_tables: no options then)
+    for arg in sys.argv[1:]:
+        key, _, value = arg.lstrip("-").partition("=")
+        if key not in OPTS:
+            sys.exit(f"error: unknown option --{key}; known: {', '.join(OPTS)}")
+        OPTS[key] = type(OPTS[key])(value) if value else True
+    if OPTS["smoke"]:  # a tiny catalogue, a few users and steps, k-means cut short
+        OPTS.update(sizes="3000", rqvae_sizes="3000", rqvae_epochs=1, users=64, train_steps=2)
+    torch.set_num_threads(OPTS["threads"])
 KMEANS_ITERS = 2 if OPTS["smoke"] else rqvae.DEFAULTS["kmeans_iters"]
-torch.set_num_threads(OPTS["threads"])
 
 
 # ---- measuring ---------------------------------------------------------------------------------
@@ -174,10 +175,15 @@ def stage_rqvae(size, work):
             "rqvae_peak": peak_rss(), "rqvae_50_epochs_cpu_s": cpu / OPTS["rqvae_epochs"] * 50}
 
 
-def dense_tables(tokenizer):
-    """The tables tiger.PrefixTables kept before #29: dense allowed[l] and next[l], both
-    (n_prefixes_l, size_l), prefix ids the ranks of the rows codes[:, :l] (as in test_all.py)."""
-    codes = tokenizer.codes
+def dense_tables(tokenizer, items=None):
+    """The reference: constrained decoding as PrefixTables did it before it kept sorted keys, with
+    a dense next[l] (n_prefixes_l, size_l) table of child ids (-1: none) beside allowed[l], and
+    every prefix's id its rank among the distinct rows codes[:, :l]. Returns (allowed, next,
+    item_of_prefix), and a tables object that beam_search can use. items: the item ids decoding
+    may return (default all). The one reference of the old tables: this benchmark measures them,
+    test_all.py checks the new ones against them."""
+    items = np.arange(1, len(tokenizer.codes) + 1) if items is None else np.asarray(items)
+    codes = tokenizer.codes[items - 1]
     L = codes.shape[1]
     prefix_id = [np.zeros(len(codes), dtype=np.int64)] + [
         np.unique(codes[:, :l], axis=0, return_inverse=True)[1].reshape(-1)
@@ -191,12 +197,11 @@ def dense_tables(tokenizer):
         allowed.append(torch.from_numpy(a))
         nxt.append(torch.from_numpy(n))
     item_of_prefix = np.zeros(len(codes), dtype=np.int64)
-    item_of_prefix[prefix_id[L]] = np.arange(1, len(codes) + 1)
-    dense = tiger.PrefixTables.__new__(tiger.PrefixTables)  # its methods over the dense tables
-    dense.allowed, dense.next = allowed, nxt
-    dense.item_of_prefix = torch.from_numpy(item_of_prefix)
+    item_of_prefix[prefix_id[L]] = items
+    dense = tiger.PrefixTables.__new__(tiger.PrefixTables)  # its methods, the dense tables' lookup
+    dense.allowed, dense.item_of_prefix = allowed, torch.from_numpy(item_of_prefix)
     dense.child = lambda l, p, c: torch.where(p >= 0, nxt[l][p.clamp(min=0), c], p)
-    return dense
+    return allowed, nxt, dense
 
 
 def stage_tables(size, work):
@@ -210,9 +215,9 @@ def stage_tables(size, work):
            "level_sizes": tok.level_sizes}
     del tables
     start = clock()
-    dense = dense_tables(tok)
+    allowed, nxt, dense = dense_tables(tok)
     out.update(dense_cpu_s=since(start)[0], dense_peak_gain=peak_rss() - before,
-               dense_bytes=nbytes(dense.allowed + dense.next + [dense.item_of_prefix]))
+               dense_bytes=nbytes(allowed + nxt + [dense.item_of_prefix]))
     return out
 
 
@@ -251,7 +256,7 @@ def stage_beam(size, work):
     batch = data.make_batch(examples, np.arange(min(256, len(examples))), tok, None)["enc"]
     with autocast():
         got = tiger.beam_search(model, batch, tables, OPTS["beam_size"])
-        want = tiger.beam_search(model, batch, dense_tables(tok), OPTS["beam_size"])
+        want = tiger.beam_search(model, batch, dense_tables(tok)[2], OPTS["beam_size"])
     out["same_beams_as_dense"] = all(torch.equal(a, b) for a, b in zip(got, want))
     return out
 
