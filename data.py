@@ -24,6 +24,7 @@ import json
 import math
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -513,6 +514,17 @@ def fit_with_embeddings(fit_with):
     """The item embeddings of the --fit_with datasets, stacked (M, 768), or None for ''."""
     names = fit_with_names(fit_with)
     return np.concatenate([load_dataset(n).item_emb for n in names]) if names else None
+
+
+def check_run_name(run):
+    """A run's folder name (tiger.py's and baselines/sasrec.py's --run): a plain name of at most
+    100 letters, digits, '.', '_' or '-', not starting with '.', so it never escapes its folder."""
+    if len(run) > 100:
+        raise InputError(f"bad config: run is a folder name of at most 100 characters (got "
+                         f"{len(run)})")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", run):
+        raise InputError(f"bad config: run must be a plain folder name of letters, digits, '.', "
+                         f"'_' or '-', not starting with '.' (got {run!r})")
 
 
 def ids_folder(out_dir, name, ids, cold_start=0.0, fit_with=""):

@@ -850,7 +850,6 @@ RANGES = {  # what validate_settings accepts; beam_size >= 10 because the metric
 # change them
 BOOKKEEPING = ("resume", "overwrite", "out_dir", "run", "device", "eval_batch_size", "bench",
                "profile")
-RUN_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}"   # a run folder's name
 
 
 def validate_settings(settings):
@@ -858,12 +857,7 @@ def validate_settings(settings):
     data.check_settings(settings, RANGES)
     if settings["schedule"] == "rsqrt" and settings["warmup_steps"] < 1:
         raise data.InputError("bad config: warmup_steps must be >= 1 with schedule=rsqrt")
-    if len(settings["run"]) > 100:
-        raise data.InputError(f"bad config: run is a folder name of at most 100 characters (got "
-                              f"{len(settings['run'])})")
-    if not re.fullmatch(RUN_NAME, settings["run"]):
-        raise data.InputError(f"bad config: run must be a plain folder name of letters, digits, "
-                              f"'.', '_' or '-', not starting with '.' (got {settings['run']!r})")
+    data.check_run_name(settings["run"])
     if settings["user_dropout"] > 0 and not settings["user_token"]:
         raise data.InputError("bad config: user_dropout hides the user token, but user_token=False "
                               "leaves it out altogether; set --user_dropout=0")

@@ -27,7 +27,6 @@ paper's loss); the run goes to out/<dataset>/sasrec/<run>/.
 import contextlib
 import math
 import os
-import re
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -340,9 +339,8 @@ def validate_settings(s):
     if s["d_model"] % s["n_head"]:
         raise data.InputError(f"bad config: d_model ({s['d_model']}) must be a multiple of n_head "
                               f"({s['n_head']}): the heads split the model's width")
-    if s["run"] and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", s["run"]):
-        raise data.InputError(f"bad config: run must be a plain folder name of letters, digits, "
-                              f"'.', '_' or '-', not starting with '.' (got {s['run']!r})")
+    if s["run"]:
+        data.check_run_name(s["run"])
     if s["device"] == "cuda" and not torch.cuda.is_available():
         raise data.InputError("device=cuda but no CUDA GPU is visible; use --device=cpu or auto")
 
@@ -355,10 +353,6 @@ def run_folder(s):
 def data_fingerprint(ds):
     """What a checkpoint was trained on: its catalogue size and the users' sequences (checksum)."""
     return {"n_items": ds.n_items, "sequences_md5": data.md5(np.concatenate(ds.sequences))}
-
-
-def save_checkpoint(path, obj):
-    data.write_atomic(path, lambda f: torch.save(obj, f))
 
 
 def load_model(path, ds, dev="cpu"):
@@ -441,8 +435,8 @@ def train(s, run_dir, argv=()):
                        f"{' (best)' * improved}")
             if improved:
                 best_step = step + 1
-                save_checkpoint(best_path, {**identity, "model": model.state_dict(),
-                                            "step": best_step})
+                tiger.save_checkpoint(best_path, {**identity, "model": model.state_dict(),
+                                                  "step": best_step})
             if bad_evals >= s["patience"]:
                 tqdm.write(f"early stop: no better validation recall@10 in {s['patience']} "
                            f"evaluations")
