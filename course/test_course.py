@@ -26,13 +26,14 @@ from make import EXERCISES, ROOT  # noqa: E402
 
 def grader_files():
     """What the graders need of the repository: its top-level modules (test_all.py among them),
-    its packages (folders with an __init__.py) and config/. data/ is linked instead (78 MB)."""
+    its packages (folders with an __init__.py), config/ and results/ (test_all.py imports the
+    dense prefix tables of results/scale_bench.py). data/ is linked instead (78 MB)."""
     files = []
     for name in sorted(os.listdir(ROOT)):
         path = os.path.join(ROOT, name)
         if name.endswith(".py") and os.path.isfile(path):
             files.append(name)
-        elif name == "config" or os.path.isfile(os.path.join(path, "__init__.py")):
+        elif name in ("config", "results") or os.path.isfile(os.path.join(path, "__init__.py")):
             files += [os.path.join(name, f) for f in sorted(os.listdir(path)) if f.endswith(".py")]
     return files
 
