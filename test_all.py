@@ -1331,6 +1331,33 @@ def test_sasrec_end_to_end_on_a_beauty_slice_and_no_silent_overwrite(tmp_path):
         assert json.load(f)["loss"] == "bce"
 
 
+def test_sasrec_cold_start_trains_without_the_unseen_items_and_splits_the_users(tmp_path,
+                                                                               monkeypatch):
+    # the measure, by hand: users 0 and 1 hold an unseen item out, user 2 a seen one
+    kept = torch.zeros(3, 20, dtype=torch.long)
+    kept[:, :2] = torch.tensor([[1, 2], [3, 4], [5, 6]])
+    got = sasrec.cold_start_recalls(kept, np.array([2, 9, 5]), np.array([2, 9]))
+    assert got["users"] == {"unseen_target": 2, "seen_target": 1}
+    assert got["unseen_target"][:2] == [0.0, 0.5] and got["unseen_target"][19] == 0.5
+    assert got["seen_target"][0] == 1.0
+    # the run: data.split gets the unseen items (no training example holds them), the run folder
+    # says cold start, and the test users are split by their held-out item
+    folder = make_slice(str(tmp_path / "beauty500"), n_items=500)
+    splits = []
+    real_split = data.split
+    monkeypatch.setattr(data, "split", lambda ds, unseen=(): splits.append(unseen)
+                        or real_split(ds, unseen))
+    results = sasrec.main([f"--dataset={folder}", f"--out_dir={tmp_path}", "--max_steps=20",
+                           "--eval_every=10", "--cold_start=0.2"])
+    ds = data.load_dataset(folder)
+    unseen = data.unseen_items(ds, 0.2)
+    assert len(splits) == 1 and len(unseen) and np.array_equal(splits[0], unseen)
+    users = results["test_cold_start"]["users"]
+    assert users["unseen_target"] > 0 and sum(users.values()) == len(real_split(ds)[2])
+    assert os.path.isfile(os.path.join(tmp_path, "beauty500", "sasrec", "ce-cold0.2",
+                                       "metrics.json"))
+
+
 @pytest.mark.parametrize("flag, message", [
     ("--loss=mse", "loss must be one of ce, bce"),
     ("--n_head=3", "multiple of n_head"),

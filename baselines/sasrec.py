@@ -14,7 +14,8 @@ done the other way. Top to bottom:
   3. training: TIGER's training pairs laid out as SASRec sequences; the two losses (the paper's
      binary cross-entropy with one sampled negative, and the full-softmax cross-entropy)
   4. evaluation: the full catalogue ranked for each validation or test history, scored by eval.py's
-     metrics (history items kept in the ranking, as TIGER; and removed, as many papers do)
+     metrics (history items kept in the ranking, as TIGER; and removed, as many papers do), and
+     the cold-start split of TIGER's Fig. 5: can an item-ID model find an item it never trained on?
   5. the run, and the machinery a real run needs (settings checked at the door, a run folder that is
      never overwritten silently, checkpoints that know their data)
 
@@ -55,6 +56,9 @@ run = ""                  # the run folder's name (letters, digits, . _ -); "" =
 overwrite = False         # start over in a run folder that holds an earlier run (else: an error)
 loss = "ce"               # ce: softmax cross-entropy over the whole catalogue | bce: the paper's
                           # binary cross-entropy, one sampled negative per position (Sec. III-E)
+cold_start = 0.0          # > 0: TIGER's cold-start split (its Sec. 4.3, Fig. 5): train without this
+                          # share of the test targets (data.unseen_items), then measure whether the
+                          # model finds them (chapter 4); the run folder gets "-cold<share>"
 # the model (SASRecConfig)
 n_layer = 2               # self-attention blocks (paper: 2)
 n_head = 1                # paper: 1
@@ -79,7 +83,8 @@ DEFAULTS = data.settings(globals())
 RANGES = {  # what check_settings accepts
     **{k: "[1, inf)" for k in ("n_layer", "n_head", "d_model", "batch_size", "max_steps",
                                "eval_every", "patience", "eval_batch_size")},
-    "dropout": "[0, 1)", "lr": "(0, 1]", "weight_decay": "[0, 1]", "seed": "[0, inf)",
+    "dropout": "[0, 1)", "cold_start": "[0, 0.5]", "lr": "(0, 1]", "weight_decay": "[0, 1]",
+    "seed": "[0, inf)",
     "loss": ("ce", "bce"), "schedule": ("constant", "cosine"), "device": ("auto", "cpu", "cuda"),
     "precision": ("auto", "bf16", "fp32"),
 }
@@ -328,6 +333,27 @@ def evaluate(model, examples, batch_size, device):
     return evaluation.metrics(kept, target), evaluation.metrics(removed, target)
 
 
+# Cold start (TIGER's Sec. 4.3, Fig. 5). The paper's argument for Semantic IDs: a new item, in no
+# training example, still has an ID computed from its content, which TIGER can generate. SASRec's
+# new item has only its embedding row, which training never pulls towards any history (the item is
+# never a target) and only pushes away (as a softmax column, or as a sampled negative). Trained on
+# the cold-start split (--cold_start), SASRec ranks the whole catalogue, unseen items included; this
+# measures how often it finds the held-out item, for the users whose held-out item is unseen and
+# for the others, as eval.py's --cold_start does for TIGER (Recall@K, K = 1..20).
+
+def cold_start_recalls(kept, targets, unseen):
+    """kept: (N, 20) test rankings (history kept), targets: (N,) item ids, unseen: the unseen items.
+    Returns {"users": {group: count}, group: [Recall@1 .. Recall@20]} for the groups
+    "unseen_target" and "seen_target"."""
+    targets = torch.as_tensor(targets)
+    is_cold = torch.from_numpy(np.isin(targets.numpy(), unseen))
+    groups = {"unseen_target": is_cold, "seen_target": ~is_cold}
+    out = {"users": {g: int(m.sum()) for g, m in groups.items()}}
+    for g, m in groups.items():
+        out[g] = evaluation.recall_curve(kept[m], targets[m], evaluation.COLD_KS)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # 5. The run: train with validation every eval_every steps, keep the best checkpoint, read the
 # test split once with it. Then the machinery a real run needs: settings checked at the door, a
@@ -347,7 +373,8 @@ def validate_settings(s):
 
 def run_folder(s):
     name = data.dataset_name(s["dataset"])
-    return os.path.join(s["out_dir"], name, "sasrec", s["run"] or s["loss"])
+    cold = f"-cold{float(s['cold_start'])!r}" if s["cold_start"] > 0 else ""
+    return os.path.join(s["out_dir"], name, "sasrec", s["run"] or s["loss"] + cold)
 
 
 def data_fingerprint(ds):
@@ -387,7 +414,8 @@ def train(s, run_dir, argv=()):
     dev = data.pick_device(s["device"])
     provenance = data.provenance("baselines/sasrec.py", list(argv), dev)
     ds = data.load_dataset(s["dataset"])
-    train_ex, valid, test = data.split(ds)
+    unseen = data.unseen_items(ds, s["cold_start"])   # cold start: no training example holds them
+    train_ex, valid, test = data.split(ds, unseen)
     rows = training_rows(train_ex)
     torch.manual_seed(s["seed"])
     model_config = SASRecConfig(ds.n_items, data.MAX_HISTORY, **{k: s[k] for k in MODEL_KEYS})
@@ -400,6 +428,8 @@ def train(s, run_dir, argv=()):
           f"{'bf16 autocast' if autocast is not contextlib.nullcontext else 'float32'}")
     print(f"training pairs: {len(train_ex):,} in {len(rows):,} sequences; {len(valid):,} valid, "
           f"{len(test):,} test examples")
+    if len(unseen):
+        print(f"cold start: {len(unseen)} unseen items, in no training example; all items ranked")
     for f in earlier:  # everything loaded: only now is the earlier run removed (--overwrite)
         os.remove(f)
     # config.json: the settings, and what eval.py's report files the run under (the model, and its
@@ -452,6 +482,10 @@ def train(s, run_dir, argv=()):
         results[name], results[name + "_history_removed"] = evaluate(model, examples,
                                                                       s["eval_batch_size"], dev)
         results[name + "_most_popular"] = evaluation.most_popular(ds, examples)
+    if len(unseen):  # Fig. 5's measure: the same test ranking, its users split by held-out item
+        kept, _ = rank(model, test.history, test.length, max(evaluation.COLD_KS),
+                       s["eval_batch_size"], dev)
+        results["test_cold_start"] = cold_start_recalls(kept, test.target, unseen)
     results["wall_s"] = round(time.time() - t0, 1)
     results["provenance"] = provenance
     results["data_fingerprint"] = identity["data_fingerprint"]
@@ -463,6 +497,11 @@ def train(s, run_dir, argv=()):
                        ("SASRec, test, history removed", "test_history_removed"),
                        ("most popular, test", "test_most_popular")):
         print(f"{label:30s}" + "".join(f"{results[key][k]:11.4f}" for k in keys))
+    if len(unseen):
+        c = results["test_cold_start"]
+        print(f"cold start, test Recall@10: {c['unseen_target'][9]:.4f} for the "
+              f"{c['users']['unseen_target']} users whose held-out item is unseen, "
+              f"{c['seen_target'][9]:.4f} for the other {c['users']['seen_target']}")
     print(f"wall time {results['wall_s'] / 60:.1f} min; best checkpoint {best_path} "
           f"(step {results['best_step']}); metrics {metrics_path}")
     return results
