@@ -537,8 +537,8 @@ def unseen_table(tables, codes, unseen):
     prefix = tables.prefix_of(torch.from_numpy(unseen_codes)).cpu().numpy()  # (n_unseen,)
     order = np.argsort(prefix, kind="stable")
     p = prefix[order]
-    first = np.searchsorted(p, p)                  # where each prefix's run starts
-    rank = np.arange(len(p)) - first               # position inside its prefix
+    start = np.searchsorted(p, p)                  # where each prefix's run starts
+    rank = np.arange(len(p)) - start               # position inside its prefix
     n_prefixes = tables.allowed[L - 1].shape[0]
     table = np.zeros((n_prefixes, rank.max() + 1 if len(p) else 1), dtype=np.int64)
     table[p, rank] = np.asarray(unseen)[order]
