@@ -1343,10 +1343,12 @@ def test_sasrec_cold_start_trains_without_the_unseen_items_and_splits_the_users(
     # the run: data.split gets the unseen items (no training example holds them), the run folder
     # says cold start, and the test users are split by their held-out item
     folder = make_slice(str(tmp_path / "beauty500"), n_items=500)
-    splits = []
-    real_split = data.split
-    monkeypatch.setattr(data, "split", lambda ds, unseen=(): splits.append(unseen)
-                        or real_split(ds, unseen))
+    splits, real_split = [], data.split
+
+    def recording_split(ds, unseen=()):  # data.split, noting which items it was told to hold out
+        splits.append(unseen)
+        return real_split(ds, unseen)
+    monkeypatch.setattr(data, "split", recording_split)
     results = sasrec.main([f"--dataset={folder}", f"--out_dir={tmp_path}", "--max_steps=20",
                            "--eval_every=10", "--cold_start=0.2"])
     ds = data.load_dataset(folder)
