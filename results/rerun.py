@@ -201,8 +201,8 @@ RUNS = [
     dict(name="beauty-long", dataset="beauty", prepare="python prepare.py",
          command="python tiger.py config/tiger_cpu_long.py", writes="out/beauty/rqkmeans/long"),
     dict(name="sports-long", dataset="sports", prepare="python prepare.py --dataset=sports",
-         command="python tiger.py config/tiger_cpu_long.py --dataset=sports",
-         writes="out/sports/rqkmeans/long"),
+         command="python tiger.py config/tiger_cpu_long_sports.py",   # 48k steps (Sports' own)
+         writes="out/sports/rqkmeans/long48k"),
     dict(name="toys-long", dataset="toys", prepare="python prepare.py --dataset=toys",
          command="python tiger.py config/tiger_cpu_long.py --dataset=toys",
          writes="out/toys/rqkmeans/long"),
