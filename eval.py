@@ -261,9 +261,10 @@ def paper_row(name, ids, recipe="default"):
     (None, None). Runs on Semantic IDs (RQ-VAE, or RQ-KMeans: ours, beyond the paper) sit beside
     TIGER's own rows (Table 1, or the Table 8 / 10 row of a setting they change); the ID baselines
     beside Table 2's; SASRec (ids "item", baselines/sasrec.py) beside Table 1's SASRec."""
-    if ids == "item":
-        loss_only = recipe in ("default", "loss=bce")
-        return ("Table 1, SASRec", PAPER_SASREC.get(name)) if loss_only else (None, None)
+    if ids == "item":  # the paper's SASRec beside ours with either loss and any step budget
+        same_model = recipe == "default" or all(t.startswith(("loss=", "max_steps="))
+                                                for t in recipe.split())
+        return ("Table 1, SASRec", PAPER_SASREC.get(name)) if same_model else (None, None)
     if ids not in data.LEARNT_IDS:
         return ("Table 2", PAPER_IDS.get((name, ids))) if recipe == "default" else (None, None)
     if recipe == "default":

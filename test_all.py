@@ -2016,6 +2016,24 @@ def test_report_sets_every_finished_run_beside_the_paper(tmp_path, capsys):
     assert "| 10.0 min | abc1234 | AMD EPYC, threads: 2 | `python tiger.py` |" in table
 
 
+def test_report_sets_the_papers_sasrec_beside_either_loss_not_beside_cold_start(tmp_path, capsys):
+    out = tmp_path / "out"
+    for run, recall10, settings in (("ce", 0.0700, {}),
+                                    ("bce", 0.0400, {"loss": "bce", "max_steps": 72000}),
+                                    ("ce-cold0.05", 0.0600, {"cold_start": 0.05})):
+        write_run(out / "beauty" / "sasrec" / run, "beauty", 1337, recall10)
+        data.write_json(os.path.join(out, "beauty", "sasrec", run, "config.json"),
+                        {**sasrec.DEFAULTS, "model": "sasrec", "ids": "item", **settings})
+    evaluation.main([f"--report={out}"])
+    lines = capsys.readouterr().out.splitlines()
+    paper = "| beauty | paper, Table 1, SASRec | | | 0.0387 | 0.0249 | 0.0605 | 0.0318 | |"
+    for recipe in ("default", "loss=bce max_steps=72000"):
+        row = next(i for i, line in enumerate(lines) if line.startswith(f"| beauty | item | {recipe} |"))
+        assert lines[row + 1] == paper
+    row = next(i for i, line in enumerate(lines) if "| cold_start=0.05 |" in line)
+    assert "paper" not in lines[row + 1]
+
+
 def test_report_refuses_a_malformed_run_naming_the_file(tmp_path):
     write_run(tmp_path / "beauty" / "rqvae" / "tiger", "beauty", 1337, 0.0490)
     (tmp_path / "beauty" / "rqvae" / "tiger" / "metrics.json").write_text('{"test": {"recall@10": "high"}}')
