@@ -18,6 +18,7 @@ that load a checkpoint written by tiger.py:
   python eval.py --ckpt=out/beauty/rqkmeans/tiger/best.pt [--split=test] [--constrained=False]
   python eval.py --ckpt=... --demo=3      # 3 users' histories and their top-10 with titles and IDs
   python eval.py --ckpt=... --split=valid --beam_size=80   # the same checkpoint, a wider beam
+  python eval.py --ckpt=... --drop_history=True            # history items out of the ranking
   python eval.py --temperature=1.5 --beam_size=50          # sampled top-50: diversity (Table 3)
   python eval.py --history=B004756YJA,B004ZT0SSG,17        # recommend for any history (ids, ASINs)
   python eval.py --ckpt=out/beauty/rqkmeans-cold0.05/tiger/best.pt --cold_start   # Fig. 5
@@ -68,6 +69,20 @@ def invalid_rate(items):
     """items: (N, K) item ids from unconstrained decoding, 0 where the ID is no item. The share of
     returned IDs that are invalid (Fig. 6 reports it per K)."""
     return (torch.as_tensor(items) == 0).double().mean().item()
+
+
+def without_history(items, history):
+    """items: (N, B) ranked item ids, best first; history: (N, H) each user's history, 0-padded.
+    Returns (N, B): each list without the user's history items, in its order, 0-padded at the end.
+    Many papers score this way (our protocol, and it seems the paper's, keeps them: --drop_history
+    in eval.py measures the difference). No dataset here holds a repeat purchase
+    (test_no_dataset_repeats_an_item_in_a_users_sequence), so a history item in a list is a
+    certain miss, and dropping it can only move the held-out item up."""
+    items, history = torch.as_tensor(items), torch.as_tensor(history)
+    drop = (items[:, :, None] == history[:, None, :]).any(-1) & (items > 0)      # (N, B)
+    # a stable sort on the flag moves the kept items to the front, in their order
+    order = torch.sort(drop.to(torch.uint8), dim=1, stable=True).indices         # (N, B)
+    return torch.where(drop.gather(1, order), 0, items.gather(1, order))
 
 
 def metrics(items, targets, invalid=False, category=None):
@@ -420,6 +435,8 @@ beam_size = 0             # >= 10: decode with this many beams, not the checkpoi
 temperature = 0.0         # > 0: sample the ranking at this temperature, not beam search (Table 3)
 history = ""              # item ids or ASINs, comma-separated, oldest first: recommend for these
 seed = 0                  # the sampling's seed
+drop_history = False      # True: drop each user's history items from the ranking before the
+                          # metrics (without_history; many papers do, our protocol does not)
 cold_start = False        # the cold-start protocol (Sec. 4.3, Fig. 5), for a checkpoint trained
                           # with tiger.py --cold_start: TIGER at several epsilon vs Semantic_KNN
 epsilon = 0.0             # a cold-start checkpoint's --history and --demo: the largest share of
@@ -503,6 +520,11 @@ def check_driver_settings(config, unseen):
     if config["epsilon"] > 0 and not (config["history"] or config["demo"]):
         raise data.InputError("--epsilon applies to --history and --demo; to score a split with "
                               "unseen items use --cold_start (it sweeps epsilon)")
+    if config["drop_history"] and (config["cold_start"] or config["history"] or config["demo"]
+                                   or not config["constrained"]):
+        raise data.InputError("--drop_history applies to scoring a split with constrained "
+                              "decoding; leave out --cold_start, --history, --demo and "
+                              "--constrained=False")
     if config["epsilon"] > 0 and config["temperature"] > 0:
         raise data.InputError("--epsilon merges rankings by log-probability, which a sampled "
                               "ranking (--temperature) does not have; give one of them")
@@ -574,8 +596,9 @@ def score_split(sc, argv):
         sc.model, sc.examples, sc.tokenizer, sc.user_tok, sc.tables, sc.beam,
         sc.trained_with["eval_batch_size"], sc.dev, constrained=c["constrained"],
         autocast=sc.autocast, temperature=c["temperature"], seed=c["seed"], category=category,
-        return_items=True)
-    print(f"{c['ckpt']} (step {sc.saved['step']}) on {c['split']}, {sc.how}:")
+        return_items=True, drop_history=c["drop_history"])
+    print(f"{c['ckpt']} (step {sc.saved['step']}) on {c['split']}, {sc.how}"
+          + (", history items dropped:" if c["drop_history"] else ":"))
     for k, v in result.items():
         print(f"  {k:13s} {v:.4f}")
     mix = category_mix(items, targets, category, names) if names else []
@@ -584,7 +607,8 @@ def score_split(sc, argv):
     popular = most_popular(sc.ds, sc.examples, sc.unseen)
     print("  most popular: " + ", ".join(f"{k} {v:.4f}" for k, v in popular.items()))
     path = sc.result_path("eval", ("" if c["constrained"] else "free_") + f"beam{sc.beam}" + (
-        f"_T{c['temperature']:g}_seed{c['seed']}" if c["temperature"] > 0 else ""))
+        f"_T{c['temperature']:g}_seed{c['seed']}" if c["temperature"] > 0 else "")
+        + ("_nohistory" if c["drop_history"] else ""))
     data.write_json(path, {"metrics": result, "table4": mix, "most_popular": popular,
                            "checkpoint_step": sc.saved["step"],
                            "provenance": data.provenance("eval.py", list(argv), sc.dev)})

@@ -951,6 +951,23 @@ def test_metrics_against_hand_computed_values():
     assert set(evaluation.metrics(ranked, targets)) == {"recall@5", "ndcg@5"}
 
 
+def test_without_history_drops_the_users_history_items_and_keeps_the_order():
+    items = torch.tensor([[5, 3, 7, 2, 9], [1, 2, 3, 4, 5], [8, 0, 6, 4, 1]])
+    history = torch.tensor([[3, 2, 0], [9, 0, 0], [6, 8, 0]])   # 0-padded; item 0 is no item
+    assert evaluation.without_history(items, history).tolist() == [
+        [5, 7, 9, 0, 0],      # 3 and 2 out, the rest moved up in order
+        [1, 2, 3, 4, 5],      # nothing of its history in the list
+        [0, 4, 1, 0, 0]]      # an invalid ID (0) is not history: it keeps its place
+
+
+def test_no_dataset_repeats_an_item_in_a_users_sequence():
+    # why dropping history items (eval.without_history) can only raise Recall and NDCG here: a held-out
+    # item is never in its user's history
+    for name in ("beauty", "sports", "toys"):
+        for seq in data.load_dataset(name).sequences:
+            assert len(set(seq.tolist())) == len(seq), name
+
+
 def test_invalid_id_rate_per_k_on_hand_made_decoded_ids():
     # 2 users, 20 decoded IDs each, 0 = an ID that is no item (Fig. 6 plots this share against K)
     items = torch.arange(1, 41).view(2, 20)
@@ -1040,6 +1057,10 @@ def test_end_to_end_on_a_beauty_slice(beauty_slice):
     evaluation.main([f"--ckpt={best}", "--demo=1"])
     # a wider beam than the checkpoint's (10) returns a longer ranking, so Recall@20 is reported too
     assert "recall@20" in evaluation.main([f"--ckpt={best}", "--beam_size=20", "--split=valid"])
+    # with the history items out of the ranking a held-out item (never in its history) can only move up
+    dropped = evaluation.main([f"--ckpt={best}", "--drop_history=True"])
+    ranking = [k for k in again if k.startswith(("recall@", "ndcg@"))]
+    assert all(dropped[k] >= again[k] for k in ranking) and dropped["ndcg@10"] > again["ndcg@10"]
 
 
 def test_the_papers_rqvae_ids_train_end_to_end_too(beauty_slice):
@@ -1493,6 +1514,7 @@ def test_out_of_range_settings_are_refused_before_any_work(beauty_slice, flag, e
     (["--beam_size=5"], "--beam_size must be >= 10"),
     (["--split=train"], "split must be one of valid, test"),
     (["--epsilon=1.5"], r"epsilon must be in \[0, 1\]"),
+    (["--drop_history=True", "--constrained=False"], "--drop_history applies to scoring a split"),
 ])
 def test_eval_options_out_of_range_are_one_clear_error(trained, flags, expected):
     with pytest.raises(data.InputError, match=expected):

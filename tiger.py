@@ -583,12 +583,13 @@ def epsilon_top_k(seen, seen_scores, unseen, unseen_scores, k, epsilon):
 @torch.no_grad()
 def evaluate(model, examples, tokenizer, user_tok, tables, beam_size, batch_size, device,
              constrained=True, limit=0, progress=True, autocast=contextlib.nullcontext,
-             temperature=0.0, seed=0, category=None, return_items=False):
+             temperature=0.0, seed=0, category=None, return_items=False, drop_history=False):
     """Beam search (or, temperature > 0, seeded sampling) for every example of a split (validation
     or test), then eval.py's metrics (with category, the diversity ones too; return_items: also the
     rankings (N, beam) and the held-out items (N,), in evaluation order). limit > 0 uses a fixed
     random subset of `limit` examples for cheaper model selection (random: the users early in the
-    file have longer histories than the average user). Returns a dict."""
+    file have longer histories than the average user); drop_history: each ranking without the
+    user's history items (eval.without_history, not the paper's protocol). Returns a dict."""
     generator = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
     was_training = model.training
     model.eval()
@@ -609,7 +610,11 @@ def evaluate(model, examples, tokenizer, user_tok, tables, beam_size, batch_size
         with autocast():
             codes, scores = beam_search(model, batch["enc"].to(device), tables, beam_size,
                                         constrained, temperature, generator)
-        all_items.append(ranked_items(tables, codes, scores).cpu())     # (B, beam)
+        items = ranked_items(tables, codes, scores).cpu()                # (B, beam)
+        if drop_history:
+            history = examples.history[order[start:start + batch_size]]      # (B, 20)
+            items = evaluation.without_history(items, history)
+        all_items.append(items)
         all_targets.append(batch["target_item"])
     if world > 1:  # DDP: every process gets every process's rankings, in rank order (which is one
         # process's order); a list of tensors per process, so a process may hold none

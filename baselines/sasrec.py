@@ -298,9 +298,9 @@ def train_step(model, opt, rows, idx, step, settings, dev, autocast):
 # 4. Evaluation (TIGER's Sec. 4, "Evaluation Metrics"). For each validation or test example, the
 # state after the last history item scores the full catalogue, item 0 excluded; the top 20 go to
 # eval.py's metrics, the very code that scores TIGER. History items stay in the ranking, as TIGER's
-# beam search keeps them (a user may buy an item again: the held-out item is then in the history).
-# Many papers remove them; we report that second set too. It moves the numbers both ways: items
-# already bought make room for new ones, but a held-out item bought before can no longer be found.
+# beam search keeps them. Many papers remove them; we report that second set too (eval.py
+# --drop_history does the same for TIGER). On these datasets it can only raise the numbers: no user
+# buys an item twice, so a history item in the list is a certain miss.
 
 @torch.no_grad()
 def rank(model, history, length, k, batch_size, device):
