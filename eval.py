@@ -74,8 +74,8 @@ def invalid_rate(items):
 def without_history(items, history):
     """items: (N, B) ranked item ids, best first; history: (N, H) each user's history, 0-padded.
     Returns (N, B): each list without the user's history items, in its order, 0-padded at the end.
-    Many papers score this way (our protocol, and it seems the paper's, keeps them: --drop_history
-    in eval.py measures the difference). No dataset here holds a repeat purchase
+    Many papers score this way; the paper does not say, and our protocol keeps them, as the beam
+    returns them (--drop_history measures the difference). No dataset here holds a repeat purchase
     (test_no_dataset_repeats_an_item_in_a_users_sequence), so a history item in a list is a
     certain miss, and dropping it can only move the held-out item up."""
     items, history = torch.as_tensor(items), torch.as_tensor(history)

@@ -589,7 +589,7 @@ def evaluate(model, examples, tokenizer, user_tok, tables, beam_size, batch_size
     rankings (N, beam) and the held-out items (N,), in evaluation order). limit > 0 uses a fixed
     random subset of `limit` examples for cheaper model selection (random: the users early in the
     file have longer histories than the average user); drop_history: each ranking without the
-    user's history items (eval.without_history, not the paper's protocol). Returns a dict."""
+    user's history items (eval.without_history; not our protocol). Returns a dict."""
     generator = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
     was_training = model.training
     model.eval()
