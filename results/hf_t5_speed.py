@@ -9,7 +9,6 @@ part of nanoTIGER: transformers lives in a throwaway environment, never in requi
 Nothing is written. --smoke: a tiny run (1 step per round, 16 users) to check the code.
 """
 import ast
-import contextlib
 import os
 import statistics
 import sys
@@ -210,7 +209,7 @@ assert hf.lm_head.weight is not hf.shared.weight  # still untied after training 
 print("\nsummary (median over rounds)")
 med = {k: statistics.median(v) for k, v in train_speed.items()}
 emed = {k: statistics.median(v) for k, v in eval_speed.items()}
-print(f"| model | training examples/s (per round) | median | eval users/s (per round) | median | parameters |")
+print("| model | training examples/s (per round) | median | eval users/s (per round) | median | parameters |")
 for name, n in (("nanoTIGER", n_nt), ("HF T5", n_hf)):
     print(f"| {name} | {', '.join(f'{x:.0f}' for x in train_speed[name])} | {med[name]:.0f} | "
           f"{', '.join(f'{x:.1f}' for x in eval_speed[name])} | {emed[name]:.1f} | {n:,} |")
