@@ -710,7 +710,7 @@ def sampling_setup(n_users):
 
 def exact_q(model, enc, tok, tables, temperature):
     """Brute force: q_T(item) = prod_l softmax(logits_l / T), renormalised over the allowed codes."""
-    n, L = len(tok.codes), tok.id_length
+    n = len(tok.codes)
     target = tok.item_tokens[1:]
     dec_in = torch.cat([torch.full((n, 1), data.BOS), target[:, :-1]], 1)
     states, _ = model(enc[:1].repeat(n, 1), dec_in)
