@@ -606,14 +606,14 @@ def evaluate(model, examples, tokenizer, user_tok, tables, beam_size, batch_size
         starts = starts[rank * per_rank:(rank + 1) * per_rank]
     all_items, all_targets = [], []
     for start in tqdm(starts, desc="eval", leave=False, disable=not progress or rank > 0):
-        batch = data.make_batch(examples, order[start:start + batch_size], tokenizer, user_tok)
+        rows = order[start:start + batch_size]
+        batch = data.make_batch(examples, rows, tokenizer, user_tok)
         with autocast():
             codes, scores = beam_search(model, batch["enc"].to(device), tables, beam_size,
                                         constrained, temperature, generator)
         items = ranked_items(tables, codes, scores).cpu()                # (B, beam)
         if drop_history:
-            history = examples.history[order[start:start + batch_size]]      # (B, 20)
-            items = evaluation.without_history(items, history)
+            items = evaluation.without_history(items, examples.history[rows])
         all_items.append(items)
         all_targets.append(batch["target_item"])
     if world > 1:  # DDP: every process gets every process's rankings, in rank order (which is one
