@@ -236,20 +236,17 @@ RUNS = [
          writes="out/beauty/rqvae/tiger/eval_best_test_beam50_T2_seed0.json"),
 ]
 # -- Table 1's SASRec (baselines/sasrec.py, issue #30): both losses, three seeds, three datasets,
-#    the 30-minute budget each (the binary loss steps faster, so it gets more steps). A SASRec run
-#    cannot resume: an interrupted one is refused until its folder is moved aside.
-SASREC_FLAGS = {"ce": "", "bce": " --loss=bce --max_steps=72000 --eval_every=3000"}
+#    the 30-minute budget each (the binary loss steps faster, so it gets more steps). The binary
+#    loss keeps the dropout it was measured with, 0.2 (the default was 0.2 until 2026-12-06). A SASRec
+#    run cannot resume: an interrupted one is refused until its folder is moved aside.
+SASREC_FLAGS = {"ce": "",
+                "bce": " --loss=bce --dropout=0.2 --max_steps=72000 --eval_every=3000"}
 RUNS += [dict(name=f"{d}-sasrec-{loss}" + (f"-seed{seed}" if seed != 1337 else ""), dataset=d,
               command=f"python baselines/sasrec.py --dataset={d}{SASREC_FLAGS[loss]}"
                       + (f" --seed={seed} --run={loss}-seed{seed}" if seed != 1337 else ""),
               writes=f"out/{d}/sasrec/{loss}" + (f"-seed{seed}" if seed != 1337 else "")
-                     + "/metrics.json", minutes=15 if loss == "ce" else 30)  # ce stops early
+                     + "/metrics.json", minutes=20 if loss == "ce" else 30)  # ce stops early
          for d in ("beauty", "sports", "toys") for loss in ("ce", "bce") for seed in (1337, 1, 2)]
-# ... the SASRec paper's dropout, 0.5 (chosen on Sports' and Toys' validation), one seed each ...
-RUNS += [dict(name=f"{d}-sasrec-ce-dropout0.5", dataset=d,
-              command=f"python baselines/sasrec.py --dataset={d} --dropout=0.5 --run=ce-dropout0.5",
-              writes=f"out/{d}/sasrec/ce-dropout0.5/metrics.json", minutes=20)
-         for d in ("beauty", "sports", "toys")]
 # ... and Fig. 5's SASRec line: trained on the cold-start split, can it find an unseen item?
 RUNS += [dict(name="beauty-sasrec-cold", dataset="beauty",
               command="python baselines/sasrec.py --cold_start=0.05",
