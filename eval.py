@@ -168,15 +168,19 @@ def recall_curve(items, targets, ks):
 # 2. The baselines: what any recommender must beat (most popular), and what cold start is
 # measured against (Semantic_KNN)
 
-def most_popular(dataset, examples, unseen=(), k=max(KS)):
+def most_popular(dataset, examples, unseen=(), k=max(KS), drop_history=False):
     """The most-popular baseline: every user gets the k items with most training interactions
     (data.training_part of each sequence, so nothing of validation or test is counted, nor a
-    cold-start run's unseen items)."""
+    cold-start run's unseen items); drop_history=True: the k most popular of those not in the
+    user's history (without_history, as --drop_history scores the model)."""
     counts = np.zeros(dataset.n_items + 1, dtype=np.int64)
     for seq in dataset.sequences:
         np.add.at(counts, data.training_part(seq, unseen), 1)
-    top = np.argsort(-counts[1:], kind="stable")[:k] + 1
-    return recall_ndcg(ranks_of(np.tile(top, (len(examples), 1)), examples.target))
+    spare = examples.history.shape[1] if drop_history else 0   # room for the dropped ones
+    items = np.tile(np.argsort(-counts[1:], kind="stable")[:k + spare] + 1, (len(examples), 1))
+    if drop_history:
+        items = without_history(items, examples.history)[:, :k]
+    return recall_ndcg(ranks_of(items, examples.target))
 
 
 def semantic_knn(item_emb, history, length, k, query="last", batch_size=1024):
@@ -604,7 +608,7 @@ def score_split(sc, argv):
     mix = category_mix(items, targets, category, names) if names else []
     if mix:  # Table 4: what the users of the most common target categories are shown
         print("\n".join(["  categories of the top 10 (Table 4):"] + ["    " + m for m in mix]))
-    popular = most_popular(sc.ds, sc.examples, sc.unseen)
+    popular = most_popular(sc.ds, sc.examples, sc.unseen, drop_history=c["drop_history"])
     print("  most popular: " + ", ".join(f"{k} {v:.4f}" for k, v in popular.items()))
     path = sc.result_path("eval", ("" if c["constrained"] else "free_") + f"beam{sc.beam}" + (
         f"_T{c['temperature']:g}_seed{c['seed']}" if c["temperature"] > 0 else "")

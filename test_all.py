@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -958,6 +959,20 @@ def test_without_history_drops_the_users_history_items_and_keeps_the_order():
         [5, 7, 9, 0, 0],      # 3 and 2 out, the rest moved up in order
         [1, 2, 3, 4, 5],      # nothing of its history in the list
         [0, 4, 1, 0, 0]]      # an invalid ID (0) is not history: it keeps its place
+
+
+def test_most_popular_counts_training_items_only_and_can_drop_the_history():
+    # training parts (all but the last two items): [1, 2, 3], [1, 2], [1]: item 1 is the most
+    # popular, then 2, then 3, then the rest in id order (4, 5, ...); items 10-15 are held out
+    ds = SimpleNamespace(n_items=20, sequences=[np.array([1, 2, 3, 10, 11]),
+                                                np.array([1, 2, 12, 13]), np.array([1, 14, 15])])
+    ex = data.Examples(user=np.array([0, 1]), history=np.array([[1, 2, 0], [5, 0, 0]]),
+                       length=np.array([2, 1]), target=np.array([11, 4]), position=np.array([4, 1]))
+    kept = evaluation.most_popular(ds, ex, k=10)       # both get 1..10: user 0's 11 is not there
+    assert kept["recall@10"] == 0.5 and kept["recall@5"] == 0.5
+    dropped = evaluation.most_popular(ds, ex, k=10, drop_history=True)   # user 0: 3..12, 11 9th
+    assert dropped["recall@10"] == 1.0 and dropped["recall@5"] == 0.5
+    assert dropped["ndcg@10"] == pytest.approx((1 / math.log2(10) + 1 / math.log2(5)) / 2)
 
 
 def test_no_dataset_repeats_an_item_in_a_users_sequence():
