@@ -1491,6 +1491,9 @@ def test_every_shipped_config_file_loads_and_passes_the_checks(path):
     if os.path.basename(path).startswith("tiger_"):
         settings = data.configure(tiger.DEFAULTS, [path])
         tiger.validate_settings({**settings, "device": "cpu"})
+    elif os.path.basename(path).startswith("sasrec_"):
+        settings = data.configure(sasrec.DEFAULTS, [path])
+        sasrec.validate_settings({**settings, "device": "cpu"})
     else:
         settings = data.configure(prepare.DEFAULTS, [path])
         rqvae.check_config(settings, n_items=12101)

@@ -247,6 +247,12 @@ RUNS += [dict(name=f"{d}-sasrec-{loss}" + (f"-seed{seed}" if seed != 1337 else "
               writes=f"out/{d}/sasrec/{loss}" + (f"-seed{seed}" if seed != 1337 else "")
                      + "/metrics.json", minutes=20 if loss == "ce" else 30)  # ce stops early
          for d in ("beauty", "sports", "toys") for loss in ("ce", "bce") for seed in (1337, 1, 2)]
+# ... SASRec's longer budget, one seed each ...
+RUNS += [dict(name=f"{d}-sasrec-long", dataset=d,
+              command="python baselines/sasrec.py config/sasrec_long.py"
+                      + ("" if d == "beauty" else f" --dataset={d}"),
+              writes=f"out/{d}/sasrec/long/metrics.json", minutes=35)
+         for d in ("beauty", "sports", "toys")]
 # ... and Fig. 5's SASRec line: trained on the cold-start split, can it find an unseen item?
 RUNS += [dict(name="beauty-sasrec-cold", dataset="beauty",
               command="python baselines/sasrec.py --cold_start=0.05",
