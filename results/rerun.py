@@ -251,7 +251,7 @@ RUNS += [dict(name=f"{d}-sasrec-{loss}" + (f"-seed{seed}" if seed != 1337 else "
 RUNS += [dict(name=f"{d}-sasrec-long", dataset=d,
               command="python baselines/sasrec.py config/sasrec_long.py"
                       + ("" if d == "beauty" else f" --dataset={d}"),
-              writes=f"out/{d}/sasrec/long/metrics.json", minutes=35)
+              writes=f"out/{d}/sasrec/long/metrics.json", minutes=50)
          for d in ("beauty", "sports", "toys")]
 # ... and Fig. 5's SASRec line: trained on the cold-start split, can it find an unseen item?
 RUNS += [dict(name="beauty-sasrec-cold", dataset="beauty",
