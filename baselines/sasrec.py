@@ -23,7 +23,8 @@ The protocol is TIGER's exactly: data.split's leave-one-out examples (a history 
 items), the same training pairs, model selection on validation only, the test split read once at
 the end.
 Run `python baselines/sasrec.py` (full-softmax loss), `python baselines/sasrec.py --loss=bce` (the
-paper's loss); the run goes to out/<dataset>/sasrec/<run>/.
+paper's loss), `python baselines/sasrec.py config/sasrec_long.py` (the longer budget, as long as
+TIGER's long recipe); the run goes to out/<dataset>/sasrec/<run>/.
 """
 import contextlib
 import math
