@@ -55,8 +55,8 @@ class BadInput(Exception):
 # would write into another run's folder: those rows add a --run name (comments say which).
 
 RUNS = [
-    # -- Table 1 / Table 9: the main job (the CPU default: RQ-KMeans IDs, no user token), 3 seeds;
-    #    also Table 5's 2+2-layer row and Table 8's first row
+    # -- Table 1 / Table 9: the main job (the CPU default: RQ-KMeans IDs, no user token), 3 seeds
+    #    on Beauty; also Table 5's 2+2-layer row and Table 8's "without" row
     dict(name="beauty-main", dataset="beauty", prepare="python prepare.py",
          command="python tiger.py", writes="out/beauty/rqkmeans/tiger"),
     dict(name="beauty-main-seed1", dataset="beauty", prepare="python prepare.py",
@@ -65,24 +65,12 @@ RUNS = [
          command="python tiger.py --seed=2 --run=seed2", writes="out/beauty/rqkmeans/seed2"),
     dict(name="sports-main", dataset="sports", prepare="python prepare.py --dataset=sports",
          command="python tiger.py --dataset=sports", writes="out/sports/rqkmeans/tiger"),
-    dict(name="sports-main-seed1", dataset="sports", prepare="python prepare.py --dataset=sports",
-         command="python tiger.py --dataset=sports --seed=1 --run=seed1",
-         writes="out/sports/rqkmeans/seed1"),
-    dict(name="sports-main-seed2", dataset="sports", prepare="python prepare.py --dataset=sports",
-         command="python tiger.py --dataset=sports --seed=2 --run=seed2",
-         writes="out/sports/rqkmeans/seed2"),
     dict(name="toys-main", dataset="toys", prepare="python prepare.py --dataset=toys",
          command="python tiger.py --dataset=toys", writes="out/toys/rqkmeans/tiger"),
-    dict(name="toys-main-seed1", dataset="toys", prepare="python prepare.py --dataset=toys",
-         command="python tiger.py --dataset=toys --seed=1 --run=seed1",
-         writes="out/toys/rqkmeans/seed1"),
-    dict(name="toys-main-seed2", dataset="toys", prepare="python prepare.py --dataset=toys",
-         command="python tiger.py --dataset=toys --seed=2 --run=seed2",
-         writes="out/toys/rqkmeans/seed2"),
 
-    # -- Table 1 / Table 9: the paper's RQ-VAE IDs with the user token hidden in half, 3 seeds; the
-    #    seed-1337 runs are also Table 2's RQ-VAE row, Table 8's "user token hidden in half" row,
-    #    and the checkpoints that Fig. 6 and the diversity table score
+    # -- Table 2's RQ-VAE row: the paper's IDs with the user token hidden in half; on Beauty 3 seeds
+    #    (the differences table's RQ-KMeans row). These runs' checkpoints are the ones that Fig. 6
+    #    and the diversity table score
     dict(name="beauty-rqvae", dataset="beauty", prepare="python prepare.py --ids=rqvae",
          command="python tiger.py --ids=rqvae --user_token=True --user_dropout=0.5",
          writes="out/beauty/rqvae/tiger"),
@@ -96,25 +84,9 @@ RUNS = [
          prepare="python prepare.py --dataset=sports --ids=rqvae",
          command="python tiger.py --dataset=sports --ids=rqvae --user_token=True "
                  "--user_dropout=0.5", writes="out/sports/rqvae/tiger"),
-    dict(name="sports-rqvae-seed1", dataset="sports",
-         prepare="python prepare.py --dataset=sports --ids=rqvae",
-         command="python tiger.py --dataset=sports --ids=rqvae --user_token=True "
-                 "--user_dropout=0.5 --seed=1 --run=seed1", writes="out/sports/rqvae/seed1"),
-    dict(name="sports-rqvae-seed2", dataset="sports",
-         prepare="python prepare.py --dataset=sports --ids=rqvae",
-         command="python tiger.py --dataset=sports --ids=rqvae --user_token=True "
-                 "--user_dropout=0.5 --seed=2 --run=seed2", writes="out/sports/rqvae/seed2"),
     dict(name="toys-rqvae", dataset="toys", prepare="python prepare.py --dataset=toys --ids=rqvae",
          command="python tiger.py --dataset=toys --ids=rqvae --user_token=True --user_dropout=0.5",
          writes="out/toys/rqvae/tiger"),
-    dict(name="toys-rqvae-seed1", dataset="toys",
-         prepare="python prepare.py --dataset=toys --ids=rqvae",
-         command="python tiger.py --dataset=toys --ids=rqvae --user_token=True --user_dropout=0.5 "
-                 "--seed=1 --run=seed1", writes="out/toys/rqvae/seed1"),
-    dict(name="toys-rqvae-seed2", dataset="toys",
-         prepare="python prepare.py --dataset=toys --ids=rqvae",
-         command="python tiger.py --dataset=toys --ids=rqvae --user_token=True --user_dropout=0.5 "
-                 "--seed=2 --run=seed2", writes="out/toys/rqvae/seed2"),
 
     # -- Table 2: LSH and Random IDs, every row with the user token hidden in half
     dict(name="beauty-lsh", dataset="beauty", prepare="python prepare.py --ids=lsh",
@@ -139,8 +111,8 @@ RUNS = [
          command="python tiger.py --dataset=toys --ids=random --user_token=True --user_dropout=0.5",
          writes="out/toys/random/tiger"),
 
-    # -- Table 2's RQ-KMeans row (with the user token), and on Beauty Table 8's "RQ-KMeans IDs, user
-    #    token hidden in half, 3 seeds". The README's command has no --run, so it would write
+    # -- Table 8's "with" row: RQ-KMeans IDs, the user token hidden in half, 3 seeds (and the
+    #    differences table's RQ-KMeans row). The README's command has no --run, so it would write
     #    into the main job's folder: --run=user_token added. Its `python prepare.py --ids=rqkmeans`
     #    is the main job's build, spelt as the main job spells it (one prepare.py per build)
     dict(name="beauty-rqkmeans-user", dataset="beauty", prepare="python prepare.py",
@@ -152,17 +124,11 @@ RUNS = [
     dict(name="beauty-rqkmeans-user-seed2", dataset="beauty", prepare="python prepare.py",
          command="python tiger.py --ids=rqkmeans --user_token=True --user_dropout=0.5 --seed=2 "
                  "--run=user_token_seed2", writes="out/beauty/rqkmeans/user_token_seed2"),
-    dict(name="sports-rqkmeans-user", dataset="sports",
-         prepare="python prepare.py --dataset=sports",
-         command="python tiger.py --dataset=sports --ids=rqkmeans --user_token=True "
-                 "--user_dropout=0.5 --run=user_token", writes="out/sports/rqkmeans/user_token"),
-    dict(name="toys-rqkmeans-user", dataset="toys", prepare="python prepare.py --dataset=toys",
-         command="python tiger.py --dataset=toys --ids=rqkmeans --user_token=True "
-                 "--user_dropout=0.5 --run=user_token", writes="out/toys/rqkmeans/user_token"),
 
-    # -- Table 8, the RQ-VAE rows without the user token and with it always read. The README's
-    #    `--ids=rqvae` and `--user_token=True` would both write into out/beauty/rqvae/tiger, the
-    #    RQ-VAE run above: --run=nouser (the results log's name) and --run=user_always added
+    # -- Table 8 with the RQ-VAE IDs, without the user token and with it always read (the
+    #    differences table's user-token row). The README's `--ids=rqvae` and `--user_token=True`
+    #    would both write into out/beauty/rqvae/tiger, the RQ-VAE run above: --run=nouser (the
+    #    results log's name) and --run=user_always added
     dict(name="beauty-rqvae-nouser", dataset="beauty", prepare="python prepare.py --ids=rqvae",
          command="python tiger.py --ids=rqvae --run=nouser", writes="out/beauty/rqvae/nouser"),
     dict(name="beauty-rqvae-user-always", dataset="beauty", prepare="python prepare.py --ids=rqvae",
